@@ -1,0 +1,205 @@
+"""The one model definition: a LLaMA-alike decoder serving training, the FP baseline and inference.
+
+Parameter names follow Hugging Face LLaMA (``layers.N.self_attn.q_proj.weight``, ...) without the
+``model.`` prefix, plus the 2B4T sub-norms (``attn_sub_norm``, ``ffn_sub_norm``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import ModelConfig
+from .layers import BitLinear, PackedLinear, RMSNorm, make_linear
+
+
+class KVCache:
+    """Preallocated key/value cache: ``[layers, batch, kv_heads, max_len, head_dim]`` for K and V."""
+
+    def __init__(self, config: ModelConfig, batch_size: int = 1, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.max_len = max_len or config.max_seq_len
+        shape = (config.num_layers, batch_size, config.num_kv_heads, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget everything cached (the memory stays allocated)."""
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` ``[B, kvh, T, hd]`` at positions ``start..start+T`` and return all keys/values so far."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.max_len}")
+        self.k[layer, : k.shape[0], :, start:end] = k.to(self.k.dtype)
+        self.v[layer, : v.shape[0], :, start:end] = v.to(self.v.dtype)
+        return self.k[layer, : k.shape[0], :, :end], self.v[layer, : v.shape[0], :, :end]
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[max_len, head_dim]`` for rotate-half RoPE (HF LLaMA convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, hd]`` by the angles for its positions (``cos``/``sin`` ``[T, hd]``)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional sub-norm before ``o_proj``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        inner_norm = c.bitlinear_norm
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = make_linear(c.linear, c.hidden_size, c.hidden_size, inner_norm, c.norm_eps)
+        self.k_proj = make_linear(c.linear, c.hidden_size, c.kv_dim, inner_norm, c.norm_eps)
+        self.v_proj = make_linear(c.linear, c.hidden_size, c.kv_dim, inner_norm, c.norm_eps)
+        self.attn_sub_norm = RMSNorm(c.hidden_size, c.norm_eps) if c.subln else None
+        self.o_proj = make_linear(c.linear, c.hidden_size, c.hidden_size, inner_norm, c.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        S = k.shape[2]
+        if T == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif S == T:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            q_pos = torch.arange(S - T, S, device=x.device).unsqueeze(1)
+            mask = torch.arange(S, device=x.device).unsqueeze(0) <= q_pos
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        if self.attn_sub_norm is not None:
+            out = self.attn_sub_norm(out)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """Gated feed-forward: SwiGLU (``silu(gate) * up``) or 2B4T's ``relu(gate)**2 * up``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        inner_norm = c.bitlinear_norm
+        self.activation = c.activation
+        self.gate_proj = make_linear(c.linear, c.hidden_size, c.intermediate_size, inner_norm, c.norm_eps)
+        self.up_proj = make_linear(c.linear, c.hidden_size, c.intermediate_size, inner_norm, c.norm_eps)
+        self.ffn_sub_norm = RMSNorm(c.intermediate_size, c.norm_eps) if c.subln else None
+        self.down_proj = make_linear(c.linear, c.intermediate_size, c.hidden_size, inner_norm, c.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
+        h = gate * self.up_proj(x)
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (pre-norms dropped when the norms live inside the linears)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        keep_prenorm = not config.bitlinear_norm
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps) if keep_prenorm else nn.Identity()
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps) if keep_prenorm else nn.Identity()
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache | None, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """LLaMA-alike decoder; BitNet b1.58 or FP depending on ``config.linear``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """GPT-style init: N(0, std) weights, output projections scaled by 1/sqrt(2 * layers)."""
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]`` at positions ``start..start+T``."""
+        B, T = tokens.shape
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed_tokens(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, i, cache, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.lm_head(self.norm(x)).float()
+
+    def set_quant_strength(self, strength: float) -> None:
+        """Set lambda (quantisation residual ramp, in [0, 1]) on every BitLinear."""
+        for m in self.modules():
+            if isinstance(m, BitLinear):
+                m.quant_strength = float(strength)
+
+    def freeze(self, layout: str = "2bit") -> "Transformer":
+        """Replace every BitLinear by its packed twin in place (inference only) and return self."""
+        if self.config.linear != "bitnet":
+            raise ValueError("only a BitNet model (linear='bitnet') can be packed")
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, BitLinear):
+                    setattr(module, name, child.freeze(layout))
+        return self.eval()
+
+    @property
+    def is_packed(self) -> bool:
+        """True once :meth:`freeze` has replaced the linear layers."""
+        return any(isinstance(m, PackedLinear) for m in self.modules())
+
+    def packed_linears(self) -> dict[str, PackedLinear]:
+        """The packed linear layers by their qualified names."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, PackedLinear)}
