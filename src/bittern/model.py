@@ -31,14 +31,31 @@ class KVCache:
         """Forget everything cached (the memory stays allocated)."""
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` ``[B, kvh, T, hd]`` at positions ``start..start+T`` and return all keys/values so far."""
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.max_len}")
-        self.k[layer, : k.shape[0], :, start:end] = k.to(self.k.dtype)
-        self.v[layer, : v.shape[0], :, start:end] = v.to(self.v.dtype)
-        return self.k[layer, : k.shape[0], :, :end], self.v[layer, : v.shape[0], :, :end]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
+               slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` ``[B, kvh, T, hd]`` and return all keys/values of those rows so far.
+
+        ``start`` is one position for the whole batch, or one per row (``[B]``, decode with T == 1).
+        ``slots`` names the cache rows that the batch rows use (default: rows 0..B-1).
+        """
+        B, T = k.shape[0], k.shape[2]
+        rows = slice(0, B) if slots is None else slots
+        if isinstance(start, torch.Tensor):
+            if T != 1:
+                raise ValueError("per-row positions need one new token per row")
+            end = int(start.max()) + 1
+            if end > self.max_len:
+                raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.max_len}")
+            index = (torch.arange(B) if slots is None else slots)
+            self.k[layer, index, :, start] = k[:, :, 0].to(self.k.dtype)
+            self.v[layer, index, :, start] = v[:, :, 0].to(self.v.dtype)
+        else:
+            end = start + T
+            if end > self.max_len:
+                raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.max_len}")
+            self.k[layer, rows, :, start:end] = k.to(self.k.dtype)
+            self.v[layer, rows, :, start:end] = v.to(self.v.dtype)
+        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,21 +88,24 @@ class Attention(nn.Module):
         self.o_proj = make_linear(c.linear, c.hidden_size, c.hidden_size, inner_norm, c.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache | None, start: int) -> torch.Tensor:
+                cache: KVCache | None, start: int | torch.Tensor, slots: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v, start)
+            k, v = cache.update(layer, k, v, start, slots)
             k, v = k.to(q.dtype), v.to(q.dtype)
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         S = k.shape[2]
-        if T == 1:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif T == 1:
             out = F.scaled_dot_product_attention(q, k, v)
         elif S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -133,8 +153,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache | None, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, start)
+                cache: KVCache | None, start: int | torch.Tensor, slots: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, start, slots, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -166,17 +187,33 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """Logits ``[B, T, vocab]`` for token ids ``[B, T]`` at positions ``start..start+T``."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]`` at positions ``start..start+T``.
+
+        For batched decoding of sequences at different positions pass ``start`` as a ``[B]`` tensor
+        (one new token per row) and ``slots``, the KV-cache rows those sequences own.
+        """
         B, T = tokens.shape
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = None
+        if isinstance(start, torch.Tensor):
+            if cache is None or T != 1:
+                raise ValueError("per-row positions need a KV cache and one token per row")
+            end = int(start.max()) + 1
+            if end > self.config.max_seq_len:
+                raise ValueError(f"sequence of {end} tokens exceeds the context length {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[start].unsqueeze(1).unsqueeze(1), self.rope_sin[start].unsqueeze(1).unsqueeze(1)
+            mask = (torch.arange(end, device=tokens.device).view(1, 1, 1, end) <= start.view(B, 1, 1, 1))
+        else:
+            end = start + T
+            if end > self.config.max_seq_len:
+                raise ValueError(f"sequence of {end} tokens exceeds the context length {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.embed_tokens(tokens)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, i, cache, start)
+            x = block(x, cos, sin, i, cache, start, slots, mask)
         if cache is not None:
-            cache.length = start + T
+            cache.length = end
         return self.lm_head(self.norm(x)).float()
 
     def set_quant_strength(self, strength: float) -> None:
