@@ -1,0 +1,38 @@
+# bittern — set-up and common jobs. `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-dev demo test test-all bench-kernels clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/bittern demo
+
+test: install-dev
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build dist src/*.egg-info runs .pytest_cache

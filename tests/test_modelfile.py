@@ -1,0 +1,141 @@
+"""Packed model files: round trip, memory mapping, and clear errors for bad files (no pickle)."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from bittern.configs import get_config
+from bittern.model import Transformer
+from bittern.modelfile import WEIGHTS_FILE, ModelFileError, load_packed, read_safetensors, save_packed
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny-2b4t")).eval()
+    directory = tmp_path_factory.mktemp("packed")
+    save_packed(model, directory, layout="1.6bit", dtype="float32")
+    return model, directory
+
+
+def test_round_trip_gives_identical_logits(saved):
+    model, directory = saved
+    loaded = load_packed(directory)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        reference = Transformer(model.config)
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(loaded(tokens), reference.eval()(tokens), rtol=1e-4, atol=1e-4)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight  # tied stays tied
+
+
+def _mapped_files(address: int) -> list[str]:
+    with open("/proc/self/maps") as f:
+        hits = []
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= address < hi and len(parts) >= 6:
+                hits.append(parts[5])
+        return hits
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_packed_codes_are_memory_mapped(saved):
+    _, directory = saved
+    tensors, meta = read_safetensors(directory / WEIGHTS_FILE)
+    assert meta.get("format") == "bittern-packed"
+    packed = tensors["layers.0.mlp.down_proj.weight_packed"]
+    assert packed.dtype == torch.uint8
+    assert str((directory / WEIGHTS_FILE).resolve()) in _mapped_files(packed.data_ptr())
+    model = load_packed(directory)
+    layer = model.layers[1].mlp.gate_proj
+    assert str((directory / WEIGHTS_FILE).resolve()) in _mapped_files(layer.weight_packed.data_ptr())
+
+
+def _corrupt_copy(directory, tmp_path, mutate):
+    target = tmp_path / "bad"
+    target.mkdir()
+    for f in directory.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    mutate(target)
+    return target
+
+
+def test_truncated_file_names_file_and_tensor(saved, tmp_path):
+    _, directory = saved
+    bad = _corrupt_copy(directory, tmp_path, lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-100]))
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: tensor '.*'.*truncated"):
+        load_packed(bad)
+
+
+def test_corrupted_header(saved, tmp_path):
+    _, directory = saved
+
+    def mutate(d):
+        data = bytearray((d / WEIGHTS_FILE).read_bytes())
+        data[10:20] = b"\xff" * 10
+        (d / WEIGHTS_FILE).write_bytes(bytes(data))
+
+    with pytest.raises(ModelFileError, match="corrupted header"):
+        load_packed(_corrupt_copy(directory, tmp_path, mutate))
+
+
+def test_absurd_header_length(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(ModelFileError, match="header length"):
+        read_safetensors(path)
+    (tmp_path / "y.safetensors").write_bytes(b"abc")
+    with pytest.raises(ModelFileError, match="truncated"):
+        read_safetensors(tmp_path / "y.safetensors")
+
+
+def test_config_that_does_not_match_tensors(saved, tmp_path):
+    _, directory = saved
+
+    def mutate(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["model"]["intermediate_size"] = 192
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    with pytest.raises(ModelFileError, match="has shape .* config expects"):
+        load_packed(_corrupt_copy(directory, tmp_path, mutate))
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny"))
+    save_packed(model, tmp_path / "m")
+    tensors, _ = read_safetensors(tmp_path / "m" / WEIGHTS_FILE, mmap_file=False)
+    dropped = dict(tensors)
+    dropped.pop("layers.1.self_attn.k_proj.weight_scale")
+    save_file({k: v.clone() for k, v in dropped.items()}, str(tmp_path / "m" / WEIGHTS_FILE))
+    with pytest.raises(ModelFileError, match="k_proj.weight_scale' is missing"):
+        load_packed(tmp_path / "m")
+    extra = {k: v.clone() for k, v in tensors.items()}
+    extra["stray"] = torch.zeros(2)
+    save_file(extra, str(tmp_path / "m" / WEIGHTS_FILE))
+    with pytest.raises(ModelFileError, match="unexpected tensors"):
+        load_packed(tmp_path / "m")
+
+
+def test_missing_directory_and_foreign_config(tmp_path):
+    with pytest.raises(ModelFileError, match="no such model directory"):
+        load_packed(tmp_path / "absent")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelFileError, match="not a bittern packed model"):
+        load_packed(tmp_path)
+
+
+def test_non_finite_weights_refuse_to_pack(tmp_path):
+    model = Transformer(get_config("tiny"))
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_packed(model, tmp_path / "nan")
+    assert not (tmp_path / "nan" / WEIGHTS_FILE).exists()
