@@ -1,0 +1,109 @@
+"""Training verbs: ``data prepare``, ``tokenizer train``, ``train``, ``finetune-ternary``, ``pack``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare training data (token shards)")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = dsub.add_parser("prepare", help="tokenize text / JSONL files or directories into memory-mapped token shards")
+    q.add_argument("inputs", nargs="+", help=".txt / .jsonl files or directories of them")
+    q.add_argument("--tokenizer", required=True, help="tokenizer.json (ours, GPT-2's, ...) or a directory holding one")
+    q.add_argument("--out", required=True, help="output shard directory")
+    q.add_argument("--val-fraction", type=float, default=0.05, help="share of documents (or of each document's tail) for validation")
+    q.add_argument("--split", choices=["document", "tail"], default="document",
+                   help="validation by whole documents, or by the contiguous tail of every document")
+    q.add_argument("--train-only", nargs="*", default=[], help="files used only for training (never in validation)")
+    q.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    q.set_defaults(handler=run_prepare)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    q = tsub.add_parser("train", help="train a byte-level BPE tokenizer (Hugging Face tokenizers)")
+    q.add_argument("inputs", nargs="+", help=".txt / .jsonl files or directories of them")
+    q.add_argument("--vocab-size", type=int, default=8192)
+    q.add_argument("--min-frequency", type=int, default=2)
+    q.add_argument("--out", required=True, help="output directory (tokenizer.json is written there)")
+    q.set_defaults(handler=run_tokenizer_train)
+
+    p = sub.add_parser("train", help="train a BitNet b1.58 or FP model (also under torchrun for DDP / FSDP)")
+    p.add_argument("--config", help="training config (.json, or .yaml with PyYAML); see configs/")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. lr=1e-3 model.hidden_size=128")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has checkpoints")
+    p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("finetune-ternary", help="convert an FP LLaMA-family HF checkpoint to BitNet b1.58 by fine-tuning")
+    p.add_argument("hf_dir", help="LlamaForCausalLM directory (config.json + safetensors)")
+    p.add_argument("--data", required=True, help="shard directory (made with the model's own tokenizer)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", help="training config to start from")
+    p.add_argument("--ramp-steps", type=int, default=None, help="quantisation ramp lambda = min(step / ramp, 1) (default: steps / 4)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. steps=500 lr=3e-4")
+    p.add_argument("--no-resume", action="store_true")
+    p.set_defaults(handler=run_finetune)
+
+    p = sub.add_parser("pack", help="pack a training run's BitNet model (with its tokenizer) into a model directory")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--layout", default="2bit", choices=["2bit", "1.6bit"])
+    p.add_argument("--checkpoint", help="a specific checkpoint directory (default: the latest)")
+    p.set_defaults(handler=run_pack)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..tokenizer import load_tokenizer
+    from ..train.data import prepare_shards
+
+    tok_file = Path(args.tokenizer)
+    tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
+    meta = prepare_shards(args.inputs, load_tokenizer(args.tokenizer), args.out, val_fraction=args.val_fraction,
+                          split=args.split, train_only=args.train_only, text_field=args.text_field, tokenizer_file=tok_file)
+    s = meta["splits"]
+    print(f"{args.out}: train {s['train']['tokens']:,} tokens ({s['train']['documents']} documents), "
+          f"val {s['val']['tokens']:,} tokens ({s['val']['documents']} documents), {meta['dtype']}")
+    return 0
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from ..tokenizer import train_bpe
+    from ..train.data import iter_documents, list_inputs
+
+    texts = (text for _, text in iter_documents(list_inputs(args.inputs)))
+    tok = train_bpe(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    path = tok.save(args.out)
+    print(f"{path}: {tok.vocab_size} tokens")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..train.config import load_train_config
+    from ..train.trainer import train
+
+    import os
+
+    summary = train(load_train_config(args.config, args.set), resume=not args.no_resume)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        print(json.dumps({k: v for k, v in summary.items() if k != "model"}, indent=2))
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..train.convert import finetune_ternary
+
+    summary = finetune_ternary(args.hf_dir, args.data, args.out, config_file=args.config, ramp_steps=args.ramp_steps,
+                               overrides=args.set, resume=not args.no_resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "model"}, indent=2))
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from ..train.export import pack_run
+
+    out = pack_run(args.run_dir, args.out_dir, layout=args.layout, checkpoint=args.checkpoint)
+    print(f"packed model written to {out}")
+    return 0

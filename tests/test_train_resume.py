@@ -1,0 +1,101 @@
+"""Checkpoints: resume after SIGKILL continues exactly; a NaN loss stops clearly and leaves the last checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bittern.train.trainer as trainer_mod
+from bittern.demo import demo_text
+from bittern.tokenizer import train_bpe
+from bittern.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from bittern.train.config import TrainConfig
+from bittern.train.data import prepare_shards
+from bittern.train.metrics import read_metrics
+from bittern.train.trainer import TrainingDiverged, train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    text = demo_text()[:60_000]
+    (d / "a.txt").write_text(text)
+    prepare_shards([d / "a.txt"], train_bpe([text], vocab_size=512), d / "shards", val_fraction=0.1, split="tail")
+    return d / "shards"
+
+
+def _overrides(shards, out, **kw):
+    base = dict(data=str(shards), out_dir=str(out), model={"name": "tiny-2b4t"}, steps=12, batch_size=4, seq_len=32,
+                warmup=2, eval_every=6, eval_windows=4, save_every=4, keep_last=2, progress=False, plot=False,
+                num_threads=1, lr=3e-3)
+    base.update(kw)
+    return base
+
+
+def _train_losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_resume_after_sigkill_is_exact(shards, tmp_path):
+    ref = tmp_path / "ref"
+    train(TrainConfig(**_overrides(shards, ref)))
+    run = tmp_path / "killed"
+    cfg = _overrides(shards, run, sleep_per_step=0.4)
+    cmd = [sys.executable, "-m", "bittern", "train", "--set"] + [f"{k}={json.dumps(v)}" for k, v in cfg.items()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            found = latest_checkpoint(run)
+            if found is not None and found.name == "step_00000004":
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint appeared")
+        time.sleep(0.5)  # let it run on past the checkpoint, then kill it hard mid-run
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = max(s for s, _ in _train_losses(run))
+    assert 4 <= killed_at < 12, "the process should die mid-run"
+    assert latest_checkpoint(run).name in ("step_00000004", "step_00000008")
+    train(TrainConfig(**_overrides(shards, run)))  # resumes from the latest checkpoint
+    got, want = _train_losses(run), _train_losses(ref)
+    assert [s for s, _ in got] == list(range(1, 13))
+    assert got == want  # bit-for-bit the same trajectory
+    w_ref, w_run = load_model_weights(latest_checkpoint(ref))[0], load_model_weights(latest_checkpoint(run))[0]
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000008", "step_00000012"]  # keep-last-2
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(shards, tmp_path, monkeypatch):
+    run = tmp_path / "nan"
+    train(TrainConfig(**_overrides(shards, run, steps=4)))
+    good = latest_checkpoint(run)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    real = trainer_mod.loss_fn
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "loss_fn", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7.*Last good checkpoint: .*step_00000004"):
+        train(TrainConfig(**_overrides(shards, run, steps=12)))
+    assert latest_checkpoint(run) == good
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    weights = load_model_weights(good)[0]
+    assert all(torch.isfinite(w).all() for w in weights.values())
