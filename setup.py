@@ -18,8 +18,19 @@ if sources:
             "bittern.kernels._bitternc",
             sources=sources,
             include_dirs=[str(CSRC)],
-            extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing", "-pthread"],
+            # Portable baseline flags: AVX2/NEON code paths carry their own target attributes and are
+            # chosen at run time, so no -march=native. -ffp-contract=off keeps float math bit-exact.
+            extra_compile_args=[
+                "-O3",
+                "-std=c11",
+                "-fno-strict-aliasing",
+                "-ffp-contract=off",
+                "-fno-math-errno",
+                "-fvisibility=hidden",
+                "-pthread",
+            ],
             extra_link_args=["-pthread"],
+            libraries=["m"],
         )
     )
 

@@ -59,13 +59,13 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     _check_codes(codes)
     out = codes.shape[0]
     stored = (_pad_cols(codes.to(torch.int16), 4) + 1).reshape(out, -1, 4)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16, device=codes.device)
     return (stored << shifts).sum(dim=-1).to(torch.uint8)
 
 
 def unpack_2bit(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Unpack a ``"2bit"`` tensor back to int8 codes ``[out, in_features]``."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16, device=packed.device)
     fields = (packed.to(torch.int16).unsqueeze(-1) >> shifts) & 3
     return (fields.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
 
@@ -78,14 +78,14 @@ def pack_1p6bit(codes: torch.Tensor) -> torch.Tensor:
     _check_codes(codes)
     out = codes.shape[0]
     stored = (_pad_cols(codes.to(torch.int16), 5) + 1).reshape(out, -1, 5)
-    return (stored * _POW3).sum(dim=-1).to(torch.uint8)
+    return (stored * _POW3.to(stored.device)).sum(dim=-1).to(torch.uint8)
 
 
 def unpack_1p6bit(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Unpack a ``"1.6bit"`` tensor back to int8 codes ``[out, in_features]``."""
     if packed.numel() and int(packed.max()) > 242:
         raise ValueError("corrupt 1.6bit data: byte value above 242 (3**5 - 1)")
-    digits = (packed.to(torch.int16).unsqueeze(-1) // _POW3) % 3
+    digits = (packed.to(torch.int16).unsqueeze(-1) // _POW3.to(packed.device)) % 3
     return (digits.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
 
 
@@ -144,3 +144,127 @@ class TernaryWeight:
     def nbytes(self) -> int:
         """Bytes of packed codes plus the scale."""
         return self.packed.numel() * self.packed.element_size() + 4
+
+
+# ----------------------------------------------------------------------------- "2bit-k64" (Triton, GPU)
+#
+# What the Triton kernels (bittern.kernels.triton_kernels) read: the "2bit" layout with every row
+# padded to a multiple of 64 codes (16 bytes), so that a row is a whole number of aligned 32-bit
+# words and 16-byte vectors. The bytes equal "2bit" whenever in_features % 64 == 0 (every shape in
+# bittern.configs), which makes the conversion from "2bit" free there. Kernel view:
+#
+#     words = packed.view(torch.int32)            # [out, 4 * ceil(in / 64)], little-endian
+#     bits 2i..2i+1 of words[r, p] = codes[r, 16*p + i] + 1
+#
+# Padding codes are 0 (stored 1). Works on any device.
+
+
+def pack_2bit_k64(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ternary codes ``[out, in]`` into the ``"2bit-k64"`` (Triton) layout."""
+    _check_codes(codes)
+    out = codes.shape[0]
+    stored = (_pad_cols(codes.to(torch.int16), 64) + 1).reshape(out, -1, 4)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16, device=codes.device)
+    return (stored << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_2bit_k64(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Unpack a ``"2bit-k64"`` tensor back to int8 codes ``[out, in_features]``."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16, device=packed.device)
+    fields = (packed.to(torch.int16).unsqueeze(-1) >> shifts) & 3
+    return (fields.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
+
+
+LAYOUTS["2bit-k64"] = Layout("2bit-k64", 2.0, pack_2bit_k64, unpack_2bit_k64, lambda n: 16 * ((n + 63) // 64))
+
+
+# ----------------------------------------------------------------------------- native CPU layouts
+#
+# "2bit-r4" and "1.6bit-r4" are what the C kernels (bittern/kernels/csrc) read. Rows go in groups of
+# 4 (the last group may hold 1-3 rows); inside a group the rows are interleaved block by block, so a
+# GEMV streams memory strictly sequentially while one activation block serves four rows:
+#
+#     for each row group (4*g .. 4*g+3):  for each column block b:  for each row r of the group:
+#         32 bytes holding the codes of row r, columns [b*B, (b+1)*B)
+#
+# "2bit-r4":   B = 128; byte j holds (code[b*128 + 32*i + j] + 1) << (2*i) for i = 0..3, so the
+#              four fields of a 32-byte vector are four contiguous 32-column slices (shift + mask).
+# "1.6bit-r4": B = 160; byte j holds the trits d_i = code[b*160 + 32*i + j] + 1 (i = 0..4) as the
+#              fixed-point fraction f = ceil(256 * sum_i d_i * 3**(4-i) / 243) (as GGUF TQ1_0), stored
+#              f ^ 0x80; trit i is (3 * ((f * 3**i) mod 256)) >> 8, which SIMD evaluates as two signed
+#              byte compares of (stored * 3**i mod 256) against -43 and 42.
+#
+# Columns are padded to a multiple of B with code 0, rows are not padded: the packed tensor has shape
+# (out_features, padded_in // 4) or (out_features, padded_in // 5), read as one flat byte buffer.
+
+
+def _r4_interleave(blocks: torch.Tensor) -> torch.Tensor:
+    """``[out, nblocks, 32]`` per-row blocks -> row-group interleaved bytes ``[out, nblocks * 32]``."""
+    out, nb, _ = blocks.shape
+    full = out // 4 * 4
+    parts = [blocks[:full].reshape(-1, 4, nb, 32).permute(0, 2, 1, 3).reshape(-1)]
+    if out > full:
+        parts.append(blocks[full:].permute(1, 0, 2).reshape(-1))
+    return torch.cat(parts).reshape(out, nb * 32)
+
+
+def _r4_deinterleave(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_r4_interleave`: ``[out, nblocks * 32]`` -> ``[out, nblocks, 32]``."""
+    if packed.dim() != 2 or packed.shape[1] % 32:
+        raise ValueError(f"r4 layouts need a 2-D uint8 tensor with a multiple of 32 columns, got {tuple(packed.shape)}")
+    out, cols = packed.shape
+    nb = cols // 32
+    flat = packed.reshape(-1)
+    full = out // 4 * 4
+    parts = [flat[: full * cols].reshape(-1, nb, 4, 32).permute(0, 2, 1, 3).reshape(full, nb, 32)]
+    if out > full:
+        parts.append(flat[full * cols :].reshape(nb, out - full, 32).permute(1, 0, 2))
+    return torch.cat(parts)
+
+
+def pack_2bit_r4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ternary codes ``[out, in]`` into the ``"2bit-r4"`` layout (native CPU GEMV/GEMM)."""
+    _check_codes(codes)
+    out = codes.shape[0]
+    stored = (_pad_cols(codes.to(torch.int16), 128) + 1).reshape(out, -1, 4, 32)  # [out, nb, field, j]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16).reshape(1, 1, 4, 1)
+    blocks = (stored << shifts).sum(dim=2).to(torch.uint8)  # [out, nb, 32]
+    return _r4_interleave(blocks)
+
+
+def unpack_2bit_r4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Unpack a ``"2bit-r4"`` tensor back to int8 codes ``[out, in_features]``."""
+    blocks = _r4_deinterleave(packed).to(torch.int16)  # [out, nb, 32]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16).reshape(1, 1, 4, 1)
+    fields = (blocks.unsqueeze(2) >> shifts) & 3  # [out, nb, field, j]
+    if fields.numel() and int(fields.max()) > 2:
+        raise ValueError("corrupt 2bit-r4 data: a 2-bit field holds 3")
+    return (fields.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
+
+
+_POW3_R4 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32).reshape(1, 1, 5, 1)
+
+
+def pack_1p6bit_r4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ternary codes ``[out, in]`` into the ``"1.6bit-r4"`` layout (native CPU GEMV/GEMM)."""
+    _check_codes(codes)
+    out = codes.shape[0]
+    digits = (_pad_cols(codes.to(torch.int32), 160) + 1).reshape(out, -1, 5, 32)  # [out, nb, trit, j]
+    value = (digits * _POW3_R4).sum(dim=2)  # [out, nb, 32], 0..242
+    frac = (value * 256 + 242) // 243  # ceil(256 v / 243) <= 255
+    return _r4_interleave((frac ^ 0x80).to(torch.uint8))
+
+
+def unpack_1p6bit_r4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Unpack a ``"1.6bit-r4"`` tensor back to int8 codes ``[out, in_features]``."""
+    frac = _r4_deinterleave(packed).to(torch.int32) ^ 0x80  # [out, nb, 32]
+    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32).reshape(1, 1, 5, 1)
+    digits = ((frac.unsqueeze(2) * pow3) % 256 * 3) >> 8  # [out, nb, trit, j]
+    value = (digits * _POW3_R4).sum(dim=2)
+    if frac.numel() and not torch.equal((value * 256 + 242) // 243, frac):
+        raise ValueError("corrupt 1.6bit-r4 data: a byte is not a valid 5-trit fixed-point code")
+    return (digits.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
+
+
+LAYOUTS["2bit-r4"] = Layout("2bit-r4", 2.0, pack_2bit_r4, unpack_2bit_r4, lambda n: 32 * ((n + 127) // 128))
+LAYOUTS["1.6bit-r4"] = Layout("1.6bit-r4", 1.6, pack_1p6bit_r4, unpack_1p6bit_r4, lambda n: 32 * ((n + 159) // 160))

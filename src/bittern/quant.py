@@ -8,7 +8,7 @@ Weights (one scale per tensor, "absmean")::
 
 Activations (one scale per token, i.e. per row of the last dimension, "absmax")::
 
-    s = 127 / max(max(|x|), 1e-5)
+    s = 127 * (1 / max(max(|x|), 1e-5))            # reciprocal, then multiply: two float32 roundings
     q = clamp(round(x * s), -128, 127)              # int8
     x ~= q / s
 
@@ -67,9 +67,13 @@ def quantize_weight(w: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, 
 
 
 def activation_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-token absmax scale s = 127 / max(|x|) over the last dim, float32, shape ``x.shape[:-1] + (1,)``."""
+    """Per-token absmax scale s = 127 * (1 / max(|x|)) over the last dim, float32, shape ``x.shape[:-1] + (1,)``.
+
+    The reciprocal is taken first and then multiplied by 127 (each step rounded to float32), which is
+    what ``127 / tensor`` computes in PyTorch; kernels reproduce exactly these two roundings.
+    """
     amax = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR)
-    return ACT_QMAX / amax
+    return amax.reciprocal() * ACT_QMAX
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,356 @@
+"""Kernel benchmark: the native ternary GEMV/GEMM against the memory roofline and torch.nn.functional.linear.
+
+For the linear-layer shapes of 2B4T, 3B, 7B and 70B-shaped models, each packed format ("2bit-r4",
+"1.6bit-r4") and each thread count it measures, in one run:
+
+* decode GEMV (one token): seconds per call, packed-weight GB/s, and the same-run memory roofline: a
+  streaming read of exactly the same bytes with AVX2 loads on the same threads (the faster of a plain
+  and a software-prefetched read), so ``% roof = t_read / t_gemv``;
+* ``torch.nn.functional.linear`` on the same shape in float32 and bfloat16 (``x fp32`` = how many times
+  faster the ternary kernel is);
+* prefill GEMM with ``gemm_tokens`` tokens (default 128): G weight-MACs per second (N*K*T / t), and
+  torch float32/bfloat16 on the same shape.
+
+Weights are random valid packed bytes. GEMV weights (and torch's) rotate over enough copies to exceed
+``min_bytes`` (default 96 MB, three times a 32 MB L3), so every call streams from DRAM as a real
+decode step does. Kernel loops are timed inside C (no Python in the loop); each number is the best of
+``reps`` rounds, measurements of a shape interleaved so drift hits kernel and roofline alike.
+
+``run_kernel_bench(...)`` returns the result dict (and prints a table, writes JSON on request); the
+``bittern bench kernels`` verb and ``bench/kernels.py`` are thin wrappers around it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import native as nat
+from .pack import TernaryWeight, get_layout
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Hidden size, FFN size and key/value projection rows of a model family."""
+
+    name: str
+    hidden: int
+    ffn: int
+    kv: int | None  # rows of k_proj/v_proj when they differ from hidden (grouped-query attention)
+
+    def layers(self) -> list[tuple[str, int, int]]:
+        """``(layer, out_features, in_features)`` of the distinct linear shapes in a block."""
+        out = [("q/o", self.hidden, self.hidden)]
+        if self.kv and self.kv != self.hidden:
+            out.append(("k/v", self.kv, self.hidden))
+        out += [("gate/up", self.ffn, self.hidden), ("down", self.hidden, self.ffn)]
+        return out
+
+
+MODELS: dict[str, ModelShape] = {
+    "2B4T": ModelShape("2B4T", 2560, 6912, 640),
+    "3B": ModelShape("3B", 3200, 8640, None),
+    "7B": ModelShape("7B", 4096, 11008, None),
+    "70B": ModelShape("70B", 8192, 28672, 1024),
+}
+FORMATS = ("2bit-r4", "1.6bit-r4")
+
+
+def _valid_bytes(layout: str) -> torch.Tensor:
+    if layout == "2bit-r4":
+        vals = [a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3) for d in range(3)]
+    else:
+        vals = [((v * 256 + 242) // 243) ^ 0x80 for v in range(243)]
+    return torch.tensor(vals, dtype=torch.uint8)
+
+
+def random_packed(layout: str, n: int, k: int, gen: torch.Generator) -> TernaryWeight:
+    """A random ternary weight directly in packed form (fast even for 70B shapes)."""
+    lut = _valid_bytes(layout)
+    cols = get_layout(layout).packed_cols(k)
+    idx = torch.randint(0, len(lut), (n, cols), generator=gen)
+    return TernaryWeight(lut[idx], torch.tensor(0.05), n, k, layout)
+
+
+def _copies_for(nbytes: int, min_bytes: float) -> int:
+    return max(1, math.ceil(min_bytes / max(nbytes, 1)))
+
+
+def _best(times: Sequence[float]) -> float:
+    return min(times)
+
+
+def _time_torch(fn: Callable[[int], object], ncopies: int, reps: int, cpu_clock: bool) -> float:
+    """Best over ``reps`` rounds of the mean seconds per call, one call per weight copy."""
+    clock = time.thread_time if cpu_clock else time.perf_counter
+    best = float("inf")
+    fn(0)
+    for _ in range(reps):
+        t0 = clock()
+        for i in range(ncopies):
+            fn(i)
+        best = min(best, (clock() - t0) / ncopies)
+    return best
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _bench_shape(
+    model: str,
+    layer: str,
+    n: int,
+    k: int,
+    threads: int,
+    formats: Sequence[str],
+    gemm_tokens: int,
+    reps: int,
+    min_bytes: float,
+    with_torch: bool,
+    cpu_clock: bool,
+    gen: torch.Generator,
+    log: Callable[[str], None],
+) -> list[dict]:
+    rows: list[dict] = []
+    nat.set_threads(threads)
+    torch.set_num_threads(threads)
+    x1 = torch.randn(1, k, generator=gen)
+    xt = torch.randn(gemm_tokens, k, generator=gen) if gemm_tokens else None
+
+    torch_t: dict[str, float | None] = {"fp32": None, "bf16": None, "fp32_gemm": None, "bf16_gemm": None}
+    if with_torch:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            wbytes = n * k * (4 if dtype == torch.float32 else 2)
+            nc = _copies_for(wbytes, min_bytes)
+            ws = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(nc)]
+            xx = x1.to(dtype)
+            with torch.inference_mode():
+                torch_t[name] = _time_torch(lambda i: F.linear(xx, ws[i]), nc, reps, cpu_clock)
+                if xt is not None:
+                    xg = xt.to(dtype)
+                    torch_t[name + "_gemm"] = _time_torch(lambda i: F.linear(xg, ws[0]), 1, max(2, reps // 2), cpu_clock)
+            del ws
+
+    for layout in formats:
+        w = random_packed(layout, n, k, gen)
+        nbytes = w.packed.numel()
+        nc = _copies_for(nbytes, min_bytes)
+        copies = [w] + [random_packed(layout, n, k, gen) for _ in range(nc - 1)]
+        q, s, rs = nat.quantize_activations(x1)
+        out = torch.empty(1, n)
+        kern, plain, pref = [], [], []
+        for _ in range(reps):  # interleaved: drift and neighbours' load hit all three alike
+            kern += nat.bench_calls(copies, q, s, rs, out, mode="gemv", rounds=1, cpu_clock=cpu_clock)
+            plain += nat.bench_calls(copies, q, s, rs, out, read=True, rounds=1, cpu_clock=cpu_clock)
+            pref += nat.bench_calls(
+                copies, q, s, rs, out, read=True, rounds=1, prefetch_bytes=2048, cpu_clock=cpu_clock
+            )
+        t, t_read = _best(kern), min(_best(plain), _best(pref))
+        row = {
+            "model": model,
+            "layer": layer,
+            "out_features": n,
+            "in_features": k,
+            "format": layout,
+            "threads": threads,
+            "packed_bytes": nbytes,
+            "weight_copies": nc,
+            "gemv_s": t,
+            "gemv_median_s": statistics.median(kern),
+            "gemv_gbps": nbytes / t / 1e9,
+            "roof_s": t_read,
+            "roof_gbps": nbytes / t_read / 1e9,
+            "roof_plain_gbps": nbytes / _best(plain) / 1e9,
+            "roof_prefetch_gbps": nbytes / _best(pref) / 1e9,
+            "roof_pct": 100.0 * t_read / t,
+            "gemv_gweights_per_s": n * k / t / 1e9,
+            "torch_fp32_s": torch_t["fp32"],
+            "torch_bf16_s": torch_t["bf16"],
+            "speedup_vs_fp32": torch_t["fp32"] / t if torch_t["fp32"] else None,
+            "speedup_vs_bf16": torch_t["bf16"] / t if torch_t["bf16"] else None,
+        }
+        if xt is not None:
+            qg, sg, rsg = nat.quantize_activations(xt)
+            outg = torch.empty(gemm_tokens, n)
+            tg = _best(nat.bench_calls([w], qg, sg, rsg, outg, mode="gemm", rounds=max(2, reps // 2), cpu_clock=cpu_clock))
+            row.update(
+                {
+                    "gemm_tokens": gemm_tokens,
+                    "gemm_s": tg,
+                    "gemm_gmacs": n * k * gemm_tokens / tg / 1e9,
+                    "torch_fp32_gemm_s": torch_t["fp32_gemm"],
+                    "torch_bf16_gemm_s": torch_t["bf16_gemm"],
+                    "gemm_speedup_vs_fp32": torch_t["fp32_gemm"] / tg if torch_t["fp32_gemm"] else None,
+                    "gemm_speedup_vs_bf16": torch_t["bf16_gemm"] / tg if torch_t["bf16_gemm"] else None,
+                }
+            )
+        rows.append(row)
+        log(_format_row(row))
+        del copies
+    return rows
+
+
+_HEADER = (
+    f"{'model':5s} {'layer':7s} {'N x K':>12s} {'fmt':9s} {'thr':>3s} | {'GEMV us':>8s} {'GB/s':>6s} "
+    f"{'roof':>6s} {'%roof':>6s} {'x fp32':>7s} {'x bf16':>7s} | {'GEMM ms':>8s} {'GMAC/s':>7s} "
+    f"{'x fp32':>7s} {'x bf16':>7s}"
+)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return format(v, spec) if v is not None else "-".rjust(len(format(1.0, spec)))
+
+
+def _format_row(r: dict) -> str:
+    shape = f"{r['out_features']}x{r['in_features']}"
+    line = (
+        f"{r['model']:5s} {r['layer']:7s} {shape:>12s} {r['format']:9s} {r['threads']:3d} | "
+        f"{r['gemv_s'] * 1e6:8.1f} {r['gemv_gbps']:6.1f} {r['roof_gbps']:6.1f} {r['roof_pct']:5.0f}% "
+        f"{_fmt(r['speedup_vs_fp32'], '7.2f')} {_fmt(r['speedup_vs_bf16'], '7.2f')} |"
+    )
+    if "gemm_s" in r:
+        line += (
+            f" {r['gemm_s'] * 1e3:8.2f} {r['gemm_gmacs']:7.1f} {_fmt(r['gemm_speedup_vs_fp32'], '7.2f')} "
+            f"{_fmt(r['gemm_speedup_vs_bf16'], '7.2f')}"
+        )
+    return line
+
+
+def python_call_overhead(reps: int = 2000) -> float:
+    """Seconds per :func:`bittern.kernels.native.gemv` call on a tiny matrix (ctypes + checks)."""
+    w = random_packed("2bit-r4", 4, 128, torch.Generator().manual_seed(0))
+    q, s, rs = nat.quantize_activations(torch.randn(1, 128))
+    out = torch.empty(1, 4)
+    for _ in range(100):
+        nat.gemv(q, s, rs, w, out)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        nat.gemv(q, s, rs, w, out)
+    return (time.perf_counter() - t0) / reps
+
+
+def run_kernel_bench(
+    models: Sequence[str] = ("2B4T", "3B", "7B", "70B"),
+    threads: Sequence[int] = (1, 2),
+    formats: Sequence[str] = FORMATS,
+    gemm_tokens: int = 128,
+    reps: int = 5,
+    min_bytes: float = 96e6,
+    with_torch: bool = True,
+    cpu_clock: bool = False,
+    json_path: str | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Run the kernel benchmark; returns ``{"machine", "settings", "results"}`` (also written to ``json_path``).
+
+    ``cpu_clock`` times with the calling thread's CPU clock instead of the wall clock (only meaningful
+    with one thread; it hides time the thread was descheduled on a shared machine).
+    """
+    if cpu_clock and any(t != 1 for t in threads):
+        raise ValueError("cpu_clock only measures the calling thread: use it with threads=(1,)")
+    if not nat.available():
+        raise RuntimeError(f"native kernels unavailable: {nat.library_error()}")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model shape(s) {unknown}; known: {sorted(MODELS)}")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown format(s) {bad}; known: {list(FORMATS)}")
+    say = log or (lambda _s: None)
+    old_threads, old_torch_threads = nat.get_threads(), torch.get_num_threads()
+    gen = torch.Generator().manual_seed(seed)
+    machine = {
+        "cpu": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "isa": nat.isa(),
+        "threading": nat.threading_backend(),
+        "torch": torch.__version__,
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "python_gemv_call_overhead_s": python_call_overhead(),
+    }
+    settings = {
+        "models": list(models),
+        "threads": list(threads),
+        "formats": list(formats),
+        "gemm_tokens": gemm_tokens,
+        "reps": reps,
+        "min_bytes": min_bytes,
+        "clock": "thread-cpu" if cpu_clock else "wall",
+        "torch": with_torch,
+    }
+    say(
+        f"# {machine['cpu']} ({machine['cpus']} CPUs), kernels: {machine['isa']}, threads: {machine['threading']}, "
+        f"clock: {settings['clock']}, load average {machine['loadavg']}"
+    )
+    say("# GEMV: 1 token, weights rotate over copies > min_bytes (DRAM); roof = same-run streaming read of the")
+    say("# same bytes (AVX2 loads, same threads); x fp32/x bf16 = torch F.linear time / kernel time;")
+    say(f"# GEMM: {gemm_tokens} tokens, GMAC/s = weights x tokens / s.")
+    say(_HEADER)
+    results: list[dict] = []
+    try:
+        for th in threads:
+            for m in models:
+                for layer, n, k in MODELS[m].layers():
+                    results += _bench_shape(
+                        m, layer, n, k, th, formats, gemm_tokens, reps, min_bytes, with_torch, cpu_clock, gen, say
+                    )
+    finally:
+        nat.set_threads(old_threads)
+        torch.set_num_threads(old_torch_threads)
+    report = {"machine": machine, "settings": settings, "results": results}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+        say(f"# wrote {json_path}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry (``python bench/kernels.py`` / ``python -m bittern.bench_kernels``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="2B4T,3B,7B,70B", help="comma list of " + ",".join(MODELS))
+    p.add_argument("--threads", default="1,2", help="comma list of thread counts")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma list of " + ",".join(FORMATS))
+    p.add_argument("--gemm-tokens", type=int, default=128, help="tokens for the GEMM measurement (0: skip)")
+    p.add_argument("--reps", type=int, default=5, help="rounds per measurement (best is reported)")
+    p.add_argument("--min-mb", type=float, default=96.0, help="GEMV weight copies total at least this many MB")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch F.linear comparison")
+    p.add_argument("--cpu-clock", action="store_true", help="time with the thread CPU clock (1 thread only)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    a = p.parse_args(argv)
+    run_kernel_bench(
+        models=[m for m in a.models.split(",") if m],
+        threads=[int(t) for t in a.threads.split(",") if t],
+        formats=[f for f in a.formats.split(",") if f],
+        gemm_tokens=a.gemm_tokens,
+        reps=a.reps,
+        min_bytes=a.min_mb * 1e6,
+        with_torch=not a.no_torch,
+        cpu_clock=a.cpu_clock,
+        json_path=a.json,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

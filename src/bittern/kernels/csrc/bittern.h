@@ -1,0 +1,95 @@
+/* bittern native CPU kernels: public C API (plain C11, no Python or PyTorch headers).
+ *
+ * Ternary x int8 matrix products for BitNet b1.58, bit-for-bit equal to bittern.kernels.reference:
+ *
+ *   s[t]   = (1 / max(max_k |x[t,k]|, 1e-5f)) * 127      float32 (two roundings, as torch computes
+ *                                                         127.0 / tensor == reciprocal() * 127)
+ *   q[t,k] = clamp(round_half_even(x[t,k] * s[t]), -128, 127)
+ *   acc    = sum_k q[t,k] * codes[n,k]                    exact int32
+ *   y[t,n] = (float)acc * (gamma / s[t])                  gamma / s[t] in float32
+ *
+ * Weights come in the kernel layouts "2bit-r4" and "1.6bit-r4" (see bittern/pack.py, which holds
+ * their reference pack/unpack in torch):
+ *
+ *   2bit-r4   K padded to Kp = 128*ceil(K/128); rows in groups of 4 (last group may be short);
+ *             per group, per 128-column block, per row of the group: 32 bytes, byte j holding
+ *             (code[k] + 1) << 2i for k = block*128 + 32*i + j, i = 0..3.  N * Kp/4 bytes.
+ *   1.6bit-r4 K padded to Kp = 160*ceil(K/160); same grouping with 160-column blocks of 32 bytes;
+ *             byte j holds the 5 trits d_i = code[k_i] + 1, k_i = block*160 + 32*i + j, as the
+ *             fixed-point fraction b = ceil(256 * sum_i d_i 3^(4-i) / 243), stored b ^ 0x80.
+ *             Trit i is recovered as (3 * ((b * 3^i) mod 256)) >> 8.  N * Kp/5 bytes.
+ *
+ * Activations are int8 rows of stride ldq >= Kp, zero in the padding columns [K, Kp).
+ * All functions are thread-safe to call from one thread at a time per process (the pool is shared).
+ */
+#ifndef BITTERN_H
+#define BITTERN_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define BT_API __declspec(dllexport)
+#else
+#define BT_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* weight formats (kernel layouts) */
+enum { BT_FMT_2BIT_R4 = 0, BT_FMT_1P6BIT_R4 = 1 };
+/* activation dtypes */
+enum { BT_DT_F32 = 0, BT_DT_BF16 = 1, BT_DT_F16 = 2 };
+/* instruction sets */
+enum { BT_ISA_AUTO = 0, BT_ISA_SCALAR = 1, BT_ISA_AVX2 = 2, BT_ISA_NEON = 3 };
+
+BT_API int bt_abi_version(void);
+
+/* ISA dispatch: bt_set_isa(BT_ISA_AUTO) picks the best available; returns 0 or -1 if unavailable. */
+BT_API int bt_isa_available(int isa);
+BT_API int bt_set_isa(int isa);
+BT_API int bt_get_isa(void);
+BT_API const char *bt_isa_name(int isa);
+
+/* threads used by every call (caller included); 0 means "all online CPUs". Returns the new value. */
+BT_API int bt_set_threads(int n);
+BT_API int bt_get_threads(void);
+
+/* Layout geometry: padded K (Kp) and bytes per row. */
+BT_API int64_t bt_padded_k(int fmt, int64_t K);
+
+/* Per-token absmax int8 quantisation of x [T, K] (row stride ldx elements, dtype BT_DT_*):
+ * writes q [T, ldq] (zero-filled in [K, ldq)), s [T] and rowsum [T] = sum_k q[t, k]. */
+BT_API int bt_quantize(const void *x, int dtype, int64_t T, int64_t K, int64_t ldx, int8_t *q, int64_t ldq,
+                       float *s, int32_t *rowsum);
+
+/* y [T, ldy] = rescale(q @ codes^T): q [T, ldq] int8 (ldq >= Kp), rowsum [T], s [T], gamma.
+ * Small T (decode, batched decode) runs the GEMV kernels, larger T the GEMM (thresholds per format in
+ * bt_api.c; BITTERN_GEMV_MAX_T overrides). If y is NULL, writes the exact int32 accumulators
+ * to yi [T, ldy] instead (testing). Returns 0, or a negative error code on bad arguments. */
+BT_API int bt_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
+                     const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
+                     int64_t ldy);
+
+/* Like bt_matmul but forces the kernel: mode 0 = auto, 1 = GEMV (any T), 2 = GEMM (panel decode). */
+BT_API int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
+                          const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
+                          int64_t ldy);
+
+/* Streaming read of nbytes (the memory roofline): returns a checksum so the loads are not elided.
+ * prefetch_bytes > 0 adds software prefetches that far ahead. Uses the current threads and ISA. */
+BT_API uint64_t bt_stream_read(const uint8_t *p, int64_t nbytes, int64_t prefetch_bytes);
+
+/* Benchmark loop without Python overhead (see bt_api.c). */
+BT_API int bt_bench(int what, int mode, int fmt, const uint8_t *const *ws, int nw, int64_t N, int64_t K, const int8_t *q,
+                    int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int64_t ldy,
+                    int64_t prefetch_bytes, int rounds, double *times);
+
+/* Threading backend name: "pthread-pool" or "openmp". */
+BT_API const char *bt_threading_name(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

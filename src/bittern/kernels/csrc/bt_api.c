@@ -1,0 +1,402 @@
+/* Public entry points: argument checks, ISA dispatch, work splitting over the thread pool. */
+#define _GNU_SOURCE
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <strings.h>
+
+#include "bt_internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
+#define BT_ABI_VERSION 1
+
+static const bt_kernels *g_kern = &bt_kernels_scalar;
+static int g_isa = BT_ISA_SCALAR;
+static int g_threads = 1;
+/* T <= this: the GEMV kernels (weights streamed once; 2-4 tokens share each decoded weight vector);
+ * larger: panel GEMM (decode a panel to bytes once, then the register-blocked microkernel). Measured
+ * crossovers on Zen 3 (2560x2560, 1 thread): ~12-16 tokens for 2bit-r4, ~5 for 1.6bit-r4. */
+static int g_gemv_max_t[2] = {12, 4};
+static int64_t g_panel_bytes = 192 * 1024; /* decoded weight panel per thread (fits in L2) */
+
+int bt_abi_version(void) { return BT_ABI_VERSION; }
+
+/* ---------------------------------------------------------------------------------------- ISA */
+
+static int cpu_has_avx2(void) {
+#if defined(BT_HAVE_AVX2_BUILD)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+    if (!(fma && osxsave && avx && f16c)) return 0;
+    unsigned xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 6) != 6) return 0; /* OS saves XMM and YMM state */
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b >> 5) & 1;
+#else
+    return 0;
+#endif
+}
+
+int bt_isa_available(int isa) {
+    switch (isa) {
+    case BT_ISA_AUTO:
+    case BT_ISA_SCALAR:
+        return 1;
+    case BT_ISA_AVX2:
+        return cpu_has_avx2();
+    case BT_ISA_NEON:
+#if defined(BT_HAVE_NEON_BUILD)
+        return 1;
+#else
+        return 0;
+#endif
+    default:
+        return 0;
+    }
+}
+
+const char *bt_isa_name(int isa) {
+    switch (isa) {
+    case BT_ISA_AUTO:
+        return "auto";
+    case BT_ISA_SCALAR:
+        return "scalar";
+    case BT_ISA_AVX2:
+        return "avx2";
+    case BT_ISA_NEON:
+        return "neon";
+    default:
+        return "unknown";
+    }
+}
+
+int bt_set_isa(int isa) {
+    if (isa == BT_ISA_AUTO) {
+        if (bt_isa_available(BT_ISA_AVX2)) return bt_set_isa(BT_ISA_AVX2);
+        if (bt_isa_available(BT_ISA_NEON)) return bt_set_isa(BT_ISA_NEON);
+        return bt_set_isa(BT_ISA_SCALAR);
+    }
+    if (!bt_isa_available(isa)) return -1;
+    switch (isa) {
+#if defined(BT_HAVE_AVX2_BUILD)
+    case BT_ISA_AVX2:
+        g_kern = &bt_kernels_avx2;
+        break;
+#endif
+#if defined(BT_HAVE_NEON_BUILD)
+    case BT_ISA_NEON:
+        g_kern = &bt_kernels_neon;
+        break;
+#endif
+    default:
+        g_kern = &bt_kernels_scalar;
+        isa = BT_ISA_SCALAR;
+    }
+    g_isa = isa;
+    return 0;
+}
+
+int bt_get_isa(void) { return g_isa; }
+
+/* ------------------------------------------------------------------------------------ threads */
+
+int bt_set_threads(int n) {
+    if (n <= 0) n = bt_online_cpus();
+    if (n > 256) n = 256;
+    g_threads = n;
+    bt_pool_resize(n);
+    return n;
+}
+
+int bt_get_threads(void) { return g_threads; }
+
+const char *bt_threading_name(void) { return bt_pool_name(); }
+
+__attribute__((constructor)) static void bt_init(void) {
+    const char *e = getenv("BITTERN_KERNEL_ISA");
+    int isa = BT_ISA_AUTO;
+    if (e && *e) {
+        if (!strcasecmp(e, "scalar"))
+            isa = BT_ISA_SCALAR;
+        else if (!strcasecmp(e, "avx2"))
+            isa = BT_ISA_AVX2;
+        else if (!strcasecmp(e, "neon"))
+            isa = BT_ISA_NEON;
+    }
+    if (bt_set_isa(isa) != 0) bt_set_isa(BT_ISA_AUTO);
+    e = getenv("BITTERN_THREADS");
+    g_threads = e && atoi(e) > 0 ? atoi(e) : bt_online_cpus();
+    if (g_threads > 256) g_threads = 256;
+    e = getenv("BITTERN_GEMV_MAX_T");
+    if (e && atoi(e) > 0) g_gemv_max_t[0] = g_gemv_max_t[1] = atoi(e);
+    e = getenv("BITTERN_PANEL_KB");
+    if (e && atoi(e) > 0) g_panel_bytes = (int64_t)atoi(e) * 1024;
+}
+
+/* ------------------------------------------------------------------------------------ layouts */
+
+int64_t bt_padded_k(int fmt, int64_t K) {
+    int64_t blk = fmt == BT_FMT_2BIT_R4 ? BT_BLOCK_2B : BT_BLOCK_1P6;
+    return (K + blk - 1) / blk * blk;
+}
+
+static int64_t row_bytes(int fmt, int64_t Kp) { return fmt == BT_FMT_2BIT_R4 ? Kp / 4 : Kp / 5; }
+
+/* ------------------------------------------------------------------------------------ quantize */
+
+typedef struct {
+    const void *x;
+    int dtype;
+    int64_t T, K, ldx, ldq;
+    int8_t *q;
+    float *s;
+    int32_t *rowsum;
+    const bt_kernels *k;
+    int64_t chunk;
+    _Atomic int64_t next;
+} quant_job;
+
+/* All task functions take work items from a shared counter (see bt_pool.c: a descheduled worker just
+ * takes none). */
+static void quant_task(void *ctx, int tid, int n) {
+    quant_job *j = (quant_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    size_t esz = j->dtype == BT_DT_F32 ? 4 : 2;
+    for (;;) {
+        int64_t t0 = atomic_fetch_add(&j->next, j->chunk);
+        if (t0 >= j->T) break;
+        int64_t t1 = t0 + j->chunk < j->T ? t0 + j->chunk : j->T;
+        for (int64_t t = t0; t < t1; t++)
+            j->k->quantize_row((const char *)j->x + (size_t)(t * j->ldx) * esz, j->dtype, j->K, j->q + t * j->ldq,
+                               j->ldq, j->s + t, j->rowsum + t);
+    }
+}
+
+int bt_quantize(const void *x, int dtype, int64_t T, int64_t K, int64_t ldx, int8_t *q, int64_t ldq, float *s,
+                int32_t *rowsum) {
+    if (!x || !q || !s || !rowsum || T < 0 || K <= 0 || ldx < K || ldq < K) return -1;
+    if (dtype != BT_DT_F32 && dtype != BT_DT_BF16 && dtype != BT_DT_F16) return -2;
+    quant_job j = {x, dtype, T, K, ldx, ldq, q, s, rowsum, g_kern, 1, 0};
+    int n = g_threads;
+    if ((int64_t)n > T) n = (int)T;
+    if (T * K < 65536) n = 1; /* not worth waking threads */
+    if (n < 1) n = 1;
+    j.chunk = (T + 4 * n - 1) / (4 * n);
+    atomic_store(&j.next, 0);
+    bt_parallel(quant_task, &j, n);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ matmul */
+
+static _Thread_local uint8_t *tl_buf = NULL;
+static _Thread_local size_t tl_cap = 0;
+
+static uint8_t *scratch(size_t bytes) {
+    if (bytes > tl_cap) {
+        free(tl_buf);
+        size_t cap = (bytes + 4095) & ~(size_t)4095;
+        tl_buf = (uint8_t *)aligned_alloc(64, cap);
+        tl_cap = tl_buf ? cap : 0;
+    }
+    return tl_buf;
+}
+
+typedef struct {
+    bt_mm m;
+    const bt_kernels *k;
+    int64_t ngroups;    /* 4-row groups */
+    int64_t chunk;      /* groups per work item */
+    int64_t panel_rows; /* GEMM: decoded rows per panel */
+    _Atomic int64_t next; /* next work item (dynamic schedule: a thread that is descheduled on a
+                             busy machine simply takes fewer items) */
+    _Atomic int failed;
+} mm_job;
+
+static void gemv_task(void *ctx, int tid, int n) {
+    mm_job *j = (mm_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    for (;;) {
+        int64_t g0 = atomic_fetch_add(&j->next, j->chunk);
+        if (g0 >= j->ngroups) break;
+        int64_t g1 = g0 + j->chunk < j->ngroups ? g0 + j->chunk : j->ngroups;
+        int64_t r1 = g1 * BT_GROUP < j->m.N ? g1 * BT_GROUP : j->m.N;
+        j->k->gemv(&j->m, g0 * BT_GROUP, r1);
+    }
+}
+
+static void gemm_task(void *ctx, int tid, int n) {
+    mm_job *j = (mm_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    uint8_t *D = NULL;
+    for (;;) {
+        int64_t g0 = atomic_fetch_add(&j->next, j->chunk);
+        if (g0 >= j->ngroups) break;
+        if (!D) D = scratch((size_t)(j->panel_rows * j->m.Kp));
+        if (!D) {
+            atomic_store(&j->failed, 1);
+            return;
+        }
+        int64_t p = g0 * BT_GROUP;
+        int64_t np = j->m.N - p < j->panel_rows ? j->m.N - p : j->panel_rows;
+        j->k->decode(&j->m, p, np, D);
+        j->k->gemm_decoded(&j->m, p, np, D, 0, j->m.T);
+    }
+}
+
+#define BT_STACK_T 64
+
+int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
+                   const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
+                   int64_t ldy) {
+    if (fmt != BT_FMT_2BIT_R4 && fmt != BT_FMT_1P6BIT_R4) return -2;
+    if (!w || !q || !rowsum || (!y && !yi) || (y && !s) || N <= 0 || K <= 0 || T < 0 || ldy < N) return -1;
+    int64_t Kp = bt_padded_k(fmt, K);
+    if (ldq < Kp) return -3;
+    if (T == 0) return 0;
+    float fstack[BT_STACK_T];
+    float *f = NULL;
+    if (y) {
+        f = T <= BT_STACK_T ? fstack : (float *)malloc(sizeof(float) * (size_t)T);
+        if (!f) return -4;
+        for (int64_t t = 0; t < T; t++) f[t] = gamma / s[t]; /* float32 division, as quant.rescale */
+    }
+    mm_job j;
+    memset(&j, 0, sizeof(j));
+    j.m.fmt = fmt;
+    j.m.w = w;
+    j.m.N = N;
+    j.m.K = K;
+    j.m.Kp = Kp;
+    j.m.row_bytes = row_bytes(fmt, Kp);
+    j.m.q = q;
+    j.m.ldq = ldq;
+    j.m.rowsum = rowsum;
+    j.m.f = f;
+    j.m.T = T;
+    j.m.y = y;
+    j.m.yi = yi;
+    j.m.ldy = ldy;
+    j.k = g_kern;
+    j.ngroups = (N + BT_GROUP - 1) / BT_GROUP;
+    int n = g_threads;
+    if ((int64_t)n > j.ngroups) n = (int)j.ngroups;
+    if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : 2;
+    if (mode == 1) {
+        /* work items of ~32 KB of weights (at least 1 group), several per thread */
+        int64_t group_bytes = BT_GROUP * j.m.row_bytes;
+        int64_t c = (32 * 1024 + group_bytes - 1) / group_bytes;
+        int64_t fair = (j.ngroups + 4 * n - 1) / (4 * n);
+        j.chunk = n == 1 ? j.ngroups : c < fair ? c : fair;
+        if (j.chunk < 1) j.chunk = 1;
+    } else {
+        /* one work item per panel of decoded rows (a multiple of the 4-row group); one K chunk of the
+         * panel (at most 3072 columns, see the AVX2 GEMM) should fit in L2 */
+        int64_t pr = g_panel_bytes / (Kp < BT_KC_BYTES ? Kp : BT_KC_BYTES) / BT_GROUP * BT_GROUP;
+        int64_t fair = (N + n - 1) / n; /* small N: still give every thread a panel */
+        fair = (fair + BT_GROUP - 1) / BT_GROUP * BT_GROUP;
+        if (pr > fair) pr = fair;
+        if (pr < BT_GROUP) pr = BT_GROUP;
+        if (pr > BT_MAX_PANEL_ROWS) pr = BT_MAX_PANEL_ROWS;
+        j.panel_rows = pr;
+        j.chunk = pr / BT_GROUP;
+    }
+    atomic_store(&j.next, 0);
+    bt_parallel(mode == 1 ? gemv_task : gemm_task, &j, n < 1 ? 1 : n);
+    if (f && f != fstack) free(f);
+    return atomic_load(&j.failed) ? -4 : 0;
+}
+
+int bt_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq, const int32_t *rowsum,
+              const float *s, int64_t T, float gamma, float *y, int32_t *yi, int64_t ldy) {
+    return bt_matmul_mode(0, fmt, w, N, K, q, ldq, rowsum, s, T, gamma, y, yi, ldy);
+}
+
+/* ------------------------------------------------------------------------------------ roofline */
+
+typedef struct {
+    const uint8_t *p;
+    int64_t n, prefetch, chunk;
+    const bt_kernels *k;
+    _Atomic int64_t next;
+    _Atomic uint64_t hash;
+} read_job;
+
+/* Same work items as the GEMV (~32 KB, taken from a shared counter), so the roofline read and the
+ * kernel share their memory access pattern and threading. */
+static void read_task(void *ctx, int tid, int n) {
+    read_job *j = (read_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    uint64_t h = 0;
+    for (;;) {
+        int64_t a = atomic_fetch_add(&j->next, j->chunk);
+        if (a >= j->n) break;
+        int64_t b = a + j->chunk < j->n ? a + j->chunk : j->n;
+        h ^= j->k->stream_read(j->p + a, b - a, j->prefetch);
+    }
+    atomic_fetch_xor(&j->hash, h);
+}
+
+uint64_t bt_stream_read(const uint8_t *p, int64_t nbytes, int64_t prefetch_bytes) {
+    read_job j;
+    memset(&j, 0, sizeof(j));
+    j.p = p;
+    j.n = nbytes;
+    j.prefetch = prefetch_bytes;
+    j.k = g_kern;
+    int n = g_threads;
+    /* items of 32 KB (a multiple of 128 bytes, so the checksum of whole 64-bit words is unchanged) */
+    j.chunk = n == 1 ? (nbytes > 0 ? nbytes : 1) : 32 * 1024;
+    atomic_store(&j.next, 0);
+    atomic_store(&j.hash, 0);
+    bt_parallel(read_task, &j, n);
+    return atomic_load(&j.hash);
+}
+
+/* ------------------------------------------------------------------------------------ benchmark */
+
+#include <time.h>
+
+static double clock_s(int cpu) {
+    struct timespec ts;
+    clock_gettime(cpu ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Times `rounds` passes over nw weight copies (so the working set can exceed the caches), without any
+ * Python in the loop. what bit 0 clear: bt_matmul_mode(mode, ...) on each copy; set: bt_stream_read of the
+ * same bytes (prefetch_bytes ahead). what bit 1 set: time with the calling thread's CPU clock instead of
+ * the wall clock (single-thread tuning on a busy machine). times[r] receives the seconds per call of round r. */
+int bt_bench(int what, int mode, int fmt, const uint8_t *const *ws, int nw, int64_t N, int64_t K, const int8_t *q,
+             int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int64_t ldy,
+             int64_t prefetch_bytes, int rounds, double *times) {
+    if (nw <= 0 || rounds <= 0 || !times) return -1;
+    int64_t nbytes = N * row_bytes(fmt, bt_padded_k(fmt, K));
+    volatile uint64_t sink = 0;
+    for (int r = 0; r < rounds; r++) {
+        double t0 = clock_s(what & 2);
+        for (int i = 0; i < nw; i++) {
+            if (!(what & 1)) {
+                int rc = bt_matmul_mode(mode, fmt, ws[i], N, K, q, ldq, rowsum, s, T, gamma, y, NULL, ldy);
+                if (rc) return rc;
+            } else {
+                sink ^= bt_stream_read(ws[i], nbytes, prefetch_bytes);
+            }
+        }
+        times[r] = (clock_s(what & 2) - t0) / nw;
+    }
+    (void)sink;
+    return 0;
+}

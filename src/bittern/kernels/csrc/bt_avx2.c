@@ -1,0 +1,760 @@
+/* AVX2 kernels (x86-64). Compiled with target attributes so the library builds without -march=native;
+ * bt_api.c only selects them when the CPU reports AVX2 and FMA.
+ *
+ * Products use _mm256_maddubs_epi16(codes + 1 in {0,1,2} as unsigned, q as signed): each int16 lane
+ * is at most 2*2*128 = 512 in magnitude, so int16 partial sums of up to 64 such products are exact;
+ * they are widened to int32 with _mm256_madd_epi16(., 1) at least every BT_WIDEN_SLICES products.
+ * The caller subtracts the token's rowsum: sum (c+1) q - sum q = sum c q.
+ */
+#include "bt_internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+#ifndef BT_PREFETCH
+#define BT_PREFETCH 2048 /* bytes of weights prefetched ahead of the GEMV stream */
+#endif
+#ifndef BT_GEMV_WIDEN
+#define BT_GEMV_WIDEN 16 /* 2bit GEMV: blocks (4 products each) per int16 accumulation, <= 64 products */
+#endif
+#ifndef BT_PF_HINT
+#define BT_PF_HINT _MM_HINT_T0
+#endif
+#ifndef BT_PF_LINES
+#define BT_PF_LINES 2
+#endif
+#if BT_PREFETCH > 0
+#define PREFETCH_128(p)                                                                                        \
+    do {                                                                                                       \
+        _mm_prefetch((const char *)(p) + BT_PREFETCH, BT_PF_HINT);                                             \
+        if (BT_PF_LINES > 1) _mm_prefetch((const char *)(p) + BT_PREFETCH + 64, BT_PF_HINT);                   \
+    } while (0)
+#else
+#define PREFETCH_128(p) ((void)0)
+#endif
+
+/* ------------------------------------------------------------------------------------------------
+ * activation quantisation
+ */
+
+AVX2_INLINE __m256 load8(const void *x, int dtype, int64_t k) {
+    if (dtype == BT_DT_F32) return _mm256_loadu_ps((const float *)x + k);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + k));
+    if (dtype == BT_DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static inline float load1(const void *x, int dtype, int64_t k) {
+    if (dtype == BT_DT_F32) return ((const float *)x)[k];
+    uint16_t h = ((const uint16_t *)x)[k];
+    return dtype == BT_DT_BF16 ? bt_bf16_to_float(h) : bt_half_to_float(h);
+}
+
+AVX2_INLINE void quantize_row_t(const void *x, const int dtype, int64_t K, int8_t *q, int64_t Kpad, float *s,
+                                int32_t *rowsum) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_and_ps(load8(x, dtype, k), absmask));
+        m1 = _mm256_max_ps(m1, _mm256_and_ps(load8(x, dtype, k + 8), absmask));
+    }
+    for (; k + 8 <= K; k += 8) m0 = _mm256_max_ps(m0, _mm256_and_ps(load8(x, dtype, k), absmask));
+    m0 = _mm256_max_ps(m0, m1);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    float amax = _mm_cvtss_f32(h);
+    for (; k < K; k++) {
+        float v = fabsf(load1(x, dtype, k));
+        if (v > amax) amax = v;
+    }
+    if (!(amax >= 1e-5f)) amax = 1e-5f;
+    const float r = 1.0f / amax;
+    const float sc = r * 127.0f; /* torch: 127.0 / t == t.reciprocal() * 127 */
+    const __m256 sv = _mm256_set1_ps(sc);
+    const __m256i lo = _mm256_set1_epi32(-128), hi = _mm256_set1_epi32(127);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i sum = _mm256_setzero_si256();
+    k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i i0, i1, i2, i3;
+#define QCONV(i, off)                                                                                          \
+    i = _mm256_cvtps_epi32(                                                                                    \
+        _mm256_round_ps(_mm256_mul_ps(load8(x, dtype, k + off), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); \
+    i = _mm256_min_epi32(_mm256_max_epi32(i, lo), hi);
+        QCONV(i0, 0)
+        QCONV(i1, 8)
+        QCONV(i2, 16)
+        QCONV(i3, 24)
+#undef QCONV
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(p, perm));
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    int32_t total = _mm_cvtsi128_si32(s4);
+    for (; k < K; k++) {
+        float v = nearbyintf(load1(x, dtype, k) * sc);
+        if (v > 127.0f) v = 127.0f;
+        if (v < -128.0f) v = -128.0f;
+        q[k] = (int8_t)v;
+        total += q[k];
+    }
+    if (Kpad > K) memset(q + K, 0, (size_t)(Kpad - K));
+    *s = sc;
+    *rowsum = total;
+}
+
+AVX2 static void quantize_row_avx2(const void *x, int dtype, int64_t K, int8_t *q, int64_t Kpad, float *s,
+                                   int32_t *rowsum) {
+    if (dtype == BT_DT_F32)
+        quantize_row_t(x, BT_DT_F32, K, q, Kpad, s, rowsum);
+    else if (dtype == BT_DT_BF16)
+        quantize_row_t(x, BT_DT_BF16, K, q, Kpad, s, rowsum);
+    else
+        quantize_row_t(x, BT_DT_F16, K, q, Kpad, s, rowsum);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * helpers
+ */
+
+/* horizontal sums of four int32 vectors -> [sum a, sum b, sum c, sum d] */
+AVX2_INLINE __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i ab = _mm256_hadd_epi32(a, b);
+    __m256i cd = _mm256_hadd_epi32(c, d);
+    __m256i abcd = _mm256_hadd_epi32(ab, cd);
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+AVX2_INLINE int32_t hsum1(__m256i a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Hides a constant from the optimiser, which would otherwise rewrite x > c as min/compare-equal pairs. */
+#define OPAQUE(v) __asm__("" : "+x"(v))
+
+/* 1.6bit: the five trit vectors (code+1 in {0,1,2}) of one 32-byte block.
+ * B = b ^ 0x80 with b the fixed-point byte; (B * 3^i) mod 256 = (b * 3^i mod 256) ^ 0x80, so the trit
+ * floor(3 x / 256) = [x >= 86] + [x >= 171] becomes two signed compares against -43 and 42. */
+#define TRITS_DECL                                                                                             \
+    __m256i c_lo = _mm256_set1_epi8(-43);                                                                      \
+    __m256i c_hi = _mm256_set1_epi8(42);                                                                       \
+    OPAQUE(c_lo);                                                                                              \
+    OPAQUE(c_hi);
+AVX2_INLINE __m256i trit_of(__m256i X, __m256i c_lo, __m256i c_hi) {
+    return _mm256_abs_epi8(_mm256_add_epi8(_mm256_cmpgt_epi8(X, c_lo), _mm256_cmpgt_epi8(X, c_hi)));
+}
+AVX2_INLINE __m256i times3(__m256i x) { return _mm256_add_epi8(x, _mm256_add_epi8(x, x)); }
+
+/* ------------------------------------------------------------------------------------------------
+ * GEMV, 2bit-r4: one row group (4 rows), one token; weights read strictly sequentially.
+ */
+
+AVX2_INLINE void gemv2b_group4(const uint8_t *p, int64_t nb, const int8_t *q, int32_t out[4]) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    int64_t b = 0;
+    while (b < nb) {
+        int64_t bend = b + BT_GEMV_WIDEN < nb ? b + BT_GEMV_WIDEN : nb; /* 16 blocks * 4 products: see BT_WIDEN_SLICES */
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+        for (; b < bend; b++) {
+            PREFETCH_128(p);
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(q + 128 * b));
+            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(q + 128 * b + 32));
+            const __m256i a2 = _mm256_loadu_si256((const __m256i *)(q + 128 * b + 64));
+            const __m256i a3 = _mm256_loadu_si256((const __m256i *)(q + 128 * b + 96));
+#define ROW(r, s)                                                                                              \
+    {                                                                                                          \
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * r));                                   \
+        __m256i t = _mm256_maddubs_epi16(_mm256_and_si256(w, m3), a0);                                         \
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 2), m3), a1));      \
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m3), a2));      \
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 6), m3), a3));      \
+        s = _mm256_add_epi16(s, t);                                                                            \
+    }
+            ROW(0, s0)
+            ROW(1, s1)
+            ROW(2, s2)
+            ROW(3, s3)
+#undef ROW
+            p += 128;
+        }
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(s0, ones));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(s1, ones));
+        acc2 = _mm256_add_epi32(acc2, _mm256_madd_epi16(s2, ones));
+        acc3 = _mm256_add_epi32(acc3, _mm256_madd_epi16(s3, ones));
+    }
+    _mm_storeu_si128((__m128i *)out, hsum4(acc0, acc1, acc2, acc3));
+}
+
+/* a short last group (1..3 rows) */
+AVX2_INLINE int32_t dot2b_row(const uint8_t *p, int64_t stride, int64_t nb, const int8_t *q) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++, p += stride) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)p);
+        __m256i t = _mm256_maddubs_epi16(_mm256_and_si256(w, m3), _mm256_loadu_si256((const __m256i *)(q + 128 * b)));
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 2), m3),
+                                                     _mm256_loadu_si256((const __m256i *)(q + 128 * b + 32))));
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m3),
+                                                     _mm256_loadu_si256((const __m256i *)(q + 128 * b + 64))));
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 6), m3),
+                                                     _mm256_loadu_si256((const __m256i *)(q + 128 * b + 96))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(t, ones));
+    }
+    return hsum1(acc);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * GEMV, 1.6bit-r4
+ */
+
+AVX2_INLINE void gemv1p6_group4(const uint8_t *p, int64_t nb, const int8_t *q, int32_t out[4]) {
+    TRITS_DECL
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    int64_t b = 0;
+    while (b < nb) {
+        int64_t bend = b + 8 < nb ? b + 8 : nb; /* 8 blocks * 5 products * 512 = 20480: int16 exact */
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+        for (; b < bend; b++) {
+            PREFETCH_128(p);
+            const int8_t *qb = q + 160 * b;
+#define ROW(r, s)                                                                                              \
+    {                                                                                                          \
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p + 32 * r));                                  \
+        const __m256i x1 = times3(x0), x2 = times3(x1), x3 = times3(x2), x4 = times3(x3);                      \
+        __m256i t = _mm256_maddubs_epi16(trit_of(x0, c_lo, c_hi), _mm256_loadu_si256((const __m256i *)qb));    \
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(trit_of(x1, c_lo, c_hi),                                   \
+                                                     _mm256_loadu_si256((const __m256i *)(qb + 32))));          \
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(trit_of(x2, c_lo, c_hi),                                   \
+                                                     _mm256_loadu_si256((const __m256i *)(qb + 64))));          \
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(trit_of(x3, c_lo, c_hi),                                   \
+                                                     _mm256_loadu_si256((const __m256i *)(qb + 96))));          \
+        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(trit_of(x4, c_lo, c_hi),                                   \
+                                                     _mm256_loadu_si256((const __m256i *)(qb + 128))));         \
+        s = _mm256_add_epi16(s, t);                                                                            \
+    }
+            ROW(0, s0)
+            ROW(1, s1)
+            ROW(2, s2)
+            ROW(3, s3)
+#undef ROW
+            p += 128;
+        }
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(s0, ones));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(s1, ones));
+        acc2 = _mm256_add_epi32(acc2, _mm256_madd_epi16(s2, ones));
+        acc3 = _mm256_add_epi32(acc3, _mm256_madd_epi16(s3, ones));
+    }
+    _mm_storeu_si128((__m128i *)out, hsum4(acc0, acc1, acc2, acc3));
+}
+
+AVX2_INLINE int32_t dot1p6_row(const uint8_t *p, int64_t stride, int64_t nb, const int8_t *q) {
+    TRITS_DECL
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++, p += stride) {
+        const int8_t *qb = q + 160 * b;
+        __m256i x = _mm256_loadu_si256((const __m256i *)p);
+        __m256i t = _mm256_setzero_si256();
+        for (int i = 0; i < 5; i++) {
+            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(trit_of(x, c_lo, c_hi),
+                                                         _mm256_loadu_si256((const __m256i *)(qb + 32 * i))));
+            x = times3(x);
+        }
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(t, ones));
+    }
+    return hsum1(acc);
+}
+
+/* Small batches (2-4 tokens per tile): one row at a time (its 32-byte blocks are 32*gr apart; the
+ * group is re-read from L1 for the other rows), each weight vector decoded once and multiplied with
+ * every token of the tile. Activations are memory operands. */
+AVX2_INLINE void gemv_row_multi(const int is2, const uint8_t *p, int64_t stride, int64_t nb, const int8_t *q,
+                                int64_t ldq, const int TT, int32_t *out) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1);
+    TRITS_DECL
+    const int blk = is2 ? BT_BLOCK_2B : BT_BLOCK_1P6;
+    __m256i acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; t++) acc[t] = _mm256_setzero_si256();
+    int64_t b = 0;
+    while (b < nb) {
+        int64_t bend = b + 8 < nb ? b + 8 : nb; /* 8 blocks * 5 products * 512 <= 20480: int16 exact */
+        __m256i s[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) s[t] = _mm256_setzero_si256();
+        for (; b < bend; b++, p += stride) {
+            PREFETCH_128(p);
+            const __m256i w = _mm256_loadu_si256((const __m256i *)p);
+            const int8_t *qb = q + blk * b;
+            if (is2) {
+                const __m256i f0 = _mm256_and_si256(w, m3);
+                const __m256i f1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), m3);
+                const __m256i f2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m3);
+                const __m256i f3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), m3);
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; t++) {
+                    const int8_t *qt = qb + t * ldq;
+                    __m256i u = _mm256_maddubs_epi16(f0, _mm256_loadu_si256((const __m256i *)qt));
+                    u = _mm256_add_epi16(u, _mm256_maddubs_epi16(f1, _mm256_loadu_si256((const __m256i *)(qt + 32))));
+                    u = _mm256_add_epi16(u, _mm256_maddubs_epi16(f2, _mm256_loadu_si256((const __m256i *)(qt + 64))));
+                    u = _mm256_add_epi16(u, _mm256_maddubs_epi16(f3, _mm256_loadu_si256((const __m256i *)(qt + 96))));
+                    s[t] = _mm256_add_epi16(s[t], u);
+                }
+            } else {
+                const __m256i x1 = times3(w), x2 = times3(x1), x3 = times3(x2), x4 = times3(x3);
+                const __m256i d0 = trit_of(w, c_lo, c_hi), d1 = trit_of(x1, c_lo, c_hi), d2 = trit_of(x2, c_lo, c_hi);
+                const __m256i d3 = trit_of(x3, c_lo, c_hi), d4 = trit_of(x4, c_lo, c_hi);
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; t++) {
+                    const int8_t *qt = qb + t * ldq;
+                    __m256i u = _mm256_maddubs_epi16(d0, _mm256_loadu_si256((const __m256i *)qt));
+                    u = _mm256_add_epi16(u, _mm256_maddubs_epi16(d1, _mm256_loadu_si256((const __m256i *)(qt + 32))));
+                    u = _mm256_add_epi16(u, _mm256_maddubs_epi16(d2, _mm256_loadu_si256((const __m256i *)(qt + 64))));
+                    u = _mm256_add_epi16(u, _mm256_maddubs_epi16(d3, _mm256_loadu_si256((const __m256i *)(qt + 96))));
+                    u = _mm256_add_epi16(u, _mm256_maddubs_epi16(d4, _mm256_loadu_si256((const __m256i *)(qt + 128))));
+                    s[t] = _mm256_add_epi16(s[t], u);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s[t], ones));
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; t++) out[t] = hsum1(acc[t]);
+}
+
+#define ROW_MULTI_DEF(tt)                                                                                      \
+    AVX2 static void gemv_row_multi_##tt(int is2, const uint8_t *p, int64_t stride, int64_t nb, const int8_t *q, \
+                                         int64_t ldq, int32_t *out) {                                          \
+        if (is2)                                                                                               \
+            gemv_row_multi(1, p, stride, nb, q, ldq, tt, out);                                                 \
+        else                                                                                                   \
+            gemv_row_multi(0, p, stride, nb, q, ldq, tt, out);                                                 \
+    }
+ROW_MULTI_DEF(2)
+ROW_MULTI_DEF(3)
+ROW_MULTI_DEF(4)
+typedef void (*row_multi_fn)(int, const uint8_t *, int64_t, int64_t, const int8_t *, int64_t, int32_t *);
+static const row_multi_fn ROW_MULTI[5] = {0, 0, gemv_row_multi_2, gemv_row_multi_3, gemv_row_multi_4};
+
+AVX2 static void gemv_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
+    const int is2 = a->fmt == BT_FMT_2BIT_R4;
+    const int64_t nb = a->Kp / (is2 ? BT_BLOCK_2B : BT_BLOCK_1P6);
+    for (int64_t g = row0 / BT_GROUP; g * BT_GROUP < row1; g++) {
+        const uint8_t *p = bt_group_ptr(a, g);
+        const int64_t n0 = g * BT_GROUP;
+        const int64_t gr = a->N - n0 < BT_GROUP ? a->N - n0 : BT_GROUP;
+        for (int64_t t = 0; t < a->T;) {
+            const int tt = a->T - t < 4 ? (int)(a->T - t) : 4;
+            const int8_t *q = a->q + t * a->ldq;
+            if (tt == 1) {
+                int32_t acc[4];
+                if (gr == BT_GROUP) {
+                    if (is2)
+                        gemv2b_group4(p, nb, q, acc);
+                    else
+                        gemv1p6_group4(p, nb, q, acc);
+                } else {
+                    for (int64_t r = 0; r < gr; r++)
+                        acc[r] = is2 ? dot2b_row(p + 32 * r, 32 * gr, nb, q) : dot1p6_row(p + 32 * r, 32 * gr, nb, q);
+                }
+                for (int64_t r = 0; r < gr; r++) bt_store(a, t, n0 + r, acc[r]);
+            } else {
+                int32_t acc[4];
+                for (int64_t r = 0; r < gr; r++) {
+                    ROW_MULTI[tt](is2, p + 32 * r, 32 * gr, nb, q, a->ldq, acc);
+                    for (int j = 0; j < tt; j++) bt_store(a, t + j, n0 + r, acc[j]);
+                }
+            }
+            t += tt;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * GEMM: decode a panel of rows to bytes once, then a register-blocked RM x TN microkernel reuses every
+ * loaded weight vector for TN tokens and every activation vector for RM rows.
+ */
+
+/* The decoded panel (code + 1 per byte) is stored pair-interleaved so the microkernel reads one
+ * sequential stream per row pair: rows 2p and 2p+1 alternate 32-byte slices, [p][slice][2][32];
+ * when nrows is odd the last row is stored alone, [slice][32]. */
+BT_INLINE uint8_t *dslot(uint8_t *dst, int64_t r, int64_t nrows, int64_t Kp, int64_t slice) {
+    if ((nrows & 1) && r == nrows - 1) return dst + r * Kp + 32 * slice;
+    return dst + (r >> 1) * 2 * Kp + 64 * slice + 32 * (r & 1);
+}
+
+AVX2 static void decode_avx2(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst) {
+    const int is2 = a->fmt == BT_FMT_2BIT_R4;
+    const int blk = is2 ? BT_BLOCK_2B : BT_BLOCK_1P6;
+    const int nf = blk / 32; /* slices per block */
+    const int64_t nb = a->Kp / blk;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    TRITS_DECL
+    for (int64_t r = 0; r < nrows;) {
+        int64_t n = row0 + r;
+        int64_t g = n / BT_GROUP, rg = n % BT_GROUP;
+        int64_t gr = a->N - g * BT_GROUP < BT_GROUP ? a->N - g * BT_GROUP : BT_GROUP;
+        int64_t rows_here = gr - rg < nrows - r ? gr - rg : nrows - r;
+        const uint8_t *p = bt_group_ptr(a, g);
+        for (int64_t b = 0; b < nb; b++) {
+            for (int64_t i = 0; i < rows_here; i++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(p + (b * gr + rg + i) * 32));
+                uint8_t *d = dslot(dst, r + i, nrows, a->Kp, b * nf);
+                const int64_t ss = ((nrows & 1) && r + i == nrows - 1) ? 32 : 64; /* slice stride */
+                if (is2) {
+                    _mm256_storeu_si256((__m256i *)d, _mm256_and_si256(w, m3));
+                    _mm256_storeu_si256((__m256i *)(d + ss), _mm256_and_si256(_mm256_srli_epi16(w, 2), m3));
+                    _mm256_storeu_si256((__m256i *)(d + 2 * ss), _mm256_and_si256(_mm256_srli_epi16(w, 4), m3));
+                    _mm256_storeu_si256((__m256i *)(d + 3 * ss), _mm256_and_si256(_mm256_srli_epi16(w, 6), m3));
+                } else {
+                    __m256i x = w;
+                    for (int j = 0; j < 5; j++) {
+                        _mm256_storeu_si256((__m256i *)(d + ss * j), trit_of(x, c_lo, c_hi));
+                        x = times3(x);
+                    }
+                }
+            }
+        }
+        r += rows_here;
+    }
+}
+
+/* Generic RM x TN microkernel (RM <= 2, TN <= 4; edges of a panel): out[r][t] = sum_k D[r][k] * Q[t][k]
+ * over nsl slices of 32 columns; row r's slice s is at D + r * ldd + s * sst. */
+AVX2_INLINE void microkernel(const uint8_t *D, int64_t ldd, int64_t sst, const int8_t *Q, int64_t ldq, int64_t nsl,
+                             const int RM, const int TN, int32_t *out /* [RM][TN] */) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc32[2 * 4];
+#pragma GCC unroll 8
+    for (int i = 0; i < RM * TN; i++) acc32[i] = _mm256_setzero_si256();
+    for (int64_t s0 = 0; s0 < nsl; s0 += BT_WIDEN_SLICES) {
+        int64_t s1 = s0 + BT_WIDEN_SLICES < nsl ? s0 + BT_WIDEN_SLICES : nsl;
+        __m256i acc[2 * 4];
+#pragma GCC unroll 8
+        for (int i = 0; i < RM * TN; i++) acc[i] = _mm256_setzero_si256();
+        for (int64_t s = s0; s < s1; s++) {
+#pragma GCC unroll 2
+            for (int r = 0; r < RM; r++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(D + r * ldd + sst * s));
+#pragma GCC unroll 4
+                for (int t = 0; t < TN; t++)
+                    acc[r * TN + t] = _mm256_add_epi16(
+                        acc[r * TN + t], _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(Q + t * ldq + 32 * s))));
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < RM * TN; i++) acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc[i], ones));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RM * TN; i++) out[i] = hsum1(acc32[i]);
+}
+
+#define MK_DEF(rm, tn)                                                                                         \
+    AVX2 static void mk_##rm##_##tn(const uint8_t *D, int64_t ldd, int64_t sst, const int8_t *Q, int64_t ldq,  \
+                                    int64_t nsl, int32_t *out) {                                               \
+        microkernel(D, ldd, sst, Q, ldq, nsl, rm, tn, out);                                                    \
+    }
+typedef void (*mk_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, int32_t *);
+MK_DEF(1, 1) MK_DEF(1, 2) MK_DEF(1, 3) MK_DEF(1, 4) MK_DEF(2, 1) MK_DEF(2, 2) MK_DEF(2, 3)
+static const mk_fn MK_EDGE[3][5] = {{0, 0, 0, 0, 0},
+                                    {0, mk_1_1, mk_1_2, mk_1_3, mk_1_4},
+                                    {0, mk_2_1, mk_2_2, mk_2_3, 0}};
+
+/* The main microkernel: 2 rows x 4 tokens, 8 maddubs + 8 adds per 6 loads (32 columns).
+ * GCC spills accumulators in the C version of the loop (kept below for other compilers), so with GNU C
+ * it is assembly with fixed registers: ymm8-15 accumulate int16 sums, ymm4-7 hold the activations of the
+ * 4 tokens and ymm0/1 the weights of the 2 rows for one 32-column slice. Every BT_WIDEN_SLICES slices the
+ * sums are widened (madd with ones) into int32 partial sums kept in memory; the last period reduces
+ * the 8 int32 vectors horizontally and writes out[r*4 + t] directly. AT&T operand order throughout
+ * (vpmaddubsw signed_src, unsigned_src, dst). In isolation the loop runs at ~160 G MAC/s here. */
+#define MK_RM 2
+#define MK_TN 4
+#if defined(__GNUC__) && !defined(BT_NO_ASM)
+__attribute__((noinline)) AVX2 static void mk_2_4(const uint8_t *D, const int8_t *Q, int64_t ldq, int64_t nsl, int32_t *out) {
+    __m256i acc32[8];
+    const uint8_t *d0 = D, *d1 = D + 32; /* pair-interleaved: slice s of row 0 at 64 s, row 1 at 64 s + 32 */
+    const int8_t *q0 = Q, *q1 = Q + ldq, *q2 = Q + 2 * ldq, *q3 = Q + 3 * ldq;
+    for (int64_t s0 = 0; s0 < nsl; s0 += BT_WIDEN_SLICES) {
+        const int64_t s1 = s0 + BT_WIDEN_SLICES < nsl ? s0 + BT_WIDEN_SLICES : nsl;
+        const int64_t first = s0 == 0, last = s1 >= nsl;
+        int64_t o = 32 * s0;
+        const int64_t end = 32 * s1;
+        __asm__ volatile(
+            "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"
+            "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
+            "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"
+            "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
+            "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"
+            "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+            "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"
+            "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"
+            ".p2align 5\n\t"
+            "1:\n\t"
+            "vmovdqu (%[q0],%[o]), %%ymm4\n\t"
+            "vmovdqu (%[q1],%[o]), %%ymm5\n\t"
+            "vmovdqu (%[q2],%[o]), %%ymm6\n\t"
+            "vmovdqu (%[q3],%[o]), %%ymm7\n\t"
+            "vmovdqu (%[d0],%[o],2), %%ymm0\n\t"
+            "vmovdqu (%[d1],%[o],2), %%ymm1\n\t"
+            "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n\t"
+            "vpmaddubsw %%ymm5, %%ymm0, %%ymm3\n\t"
+            "vpaddw %%ymm2, %%ymm8, %%ymm8\n\t"
+            "vpaddw %%ymm3, %%ymm9, %%ymm9\n\t"
+            "vpmaddubsw %%ymm6, %%ymm0, %%ymm2\n\t"
+            "vpmaddubsw %%ymm7, %%ymm0, %%ymm3\n\t"
+            "vpaddw %%ymm2, %%ymm10, %%ymm10\n\t"
+            "vpaddw %%ymm3, %%ymm11, %%ymm11\n\t"
+            "vpmaddubsw %%ymm4, %%ymm1, %%ymm2\n\t"
+            "vpmaddubsw %%ymm5, %%ymm1, %%ymm3\n\t"
+            "vpaddw %%ymm2, %%ymm12, %%ymm12\n\t"
+            "vpaddw %%ymm3, %%ymm13, %%ymm13\n\t"
+            "vpmaddubsw %%ymm6, %%ymm1, %%ymm2\n\t"
+            "vpmaddubsw %%ymm7, %%ymm1, %%ymm3\n\t"
+            "vpaddw %%ymm2, %%ymm14, %%ymm14\n\t"
+            "vpaddw %%ymm3, %%ymm15, %%ymm15\n\t"
+            "add $32, %[o]\n\t"
+            "cmp %[end], %[o]\n\t"
+            "jl 1b\n\t"
+            /* widen: int16 pairs -> int32 */
+            "vpcmpeqw %%ymm0, %%ymm0, %%ymm0\n\t"
+            "vpsrlw $15, %%ymm0, %%ymm0\n\t"
+            "vpmaddwd %%ymm0, %%ymm8, %%ymm8\n\t"
+            "vpmaddwd %%ymm0, %%ymm9, %%ymm9\n\t"
+            "vpmaddwd %%ymm0, %%ymm10, %%ymm10\n\t"
+            "vpmaddwd %%ymm0, %%ymm11, %%ymm11\n\t"
+            "vpmaddwd %%ymm0, %%ymm12, %%ymm12\n\t"
+            "vpmaddwd %%ymm0, %%ymm13, %%ymm13\n\t"
+            "vpmaddwd %%ymm0, %%ymm14, %%ymm14\n\t"
+            "vpmaddwd %%ymm0, %%ymm15, %%ymm15\n\t"
+            "test %[first], %[first]\n\t"
+            "jnz 4f\n\t"
+            "vpaddd 0(%[acc]), %%ymm8, %%ymm8\n\t"
+            "vpaddd 32(%[acc]), %%ymm9, %%ymm9\n\t"
+            "vpaddd 64(%[acc]), %%ymm10, %%ymm10\n\t"
+            "vpaddd 96(%[acc]), %%ymm11, %%ymm11\n\t"
+            "vpaddd 128(%[acc]), %%ymm12, %%ymm12\n\t"
+            "vpaddd 160(%[acc]), %%ymm13, %%ymm13\n\t"
+            "vpaddd 192(%[acc]), %%ymm14, %%ymm14\n\t"
+            "vpaddd 224(%[acc]), %%ymm15, %%ymm15\n\t"
+            "4:\n\t"
+            "test %[last], %[last]\n\t"
+            "jnz 5f\n\t"
+            "vmovdqu %%ymm8, 0(%[acc])\n\t"
+            "vmovdqu %%ymm9, 32(%[acc])\n\t"
+            "vmovdqu %%ymm10, 64(%[acc])\n\t"
+            "vmovdqu %%ymm11, 96(%[acc])\n\t"
+            "vmovdqu %%ymm12, 128(%[acc])\n\t"
+            "vmovdqu %%ymm13, 160(%[acc])\n\t"
+            "vmovdqu %%ymm14, 192(%[acc])\n\t"
+            "vmovdqu %%ymm15, 224(%[acc])\n\t"
+            "jmp 6f\n\t"
+            /* horizontal sums of the 8 vectors -> out[0..7] */
+            "5:\n\t"
+            "vphaddd %%ymm9, %%ymm8, %%ymm8\n\t"
+            "vphaddd %%ymm11, %%ymm10, %%ymm10\n\t"
+            "vphaddd %%ymm13, %%ymm12, %%ymm12\n\t"
+            "vphaddd %%ymm15, %%ymm14, %%ymm14\n\t"
+            "vphaddd %%ymm10, %%ymm8, %%ymm8\n\t"
+            "vphaddd %%ymm14, %%ymm12, %%ymm12\n\t"
+            "vperm2i128 $0x20, %%ymm12, %%ymm8, %%ymm0\n\t"
+            "vperm2i128 $0x31, %%ymm12, %%ymm8, %%ymm1\n\t"
+            "vpaddd %%ymm1, %%ymm0, %%ymm0\n\t"
+            "vmovdqu %%ymm0, (%[out])\n\t"
+            "6:\n\t"
+            : [o] "+r"(o)
+            : [q0] "r"(q0), [q1] "r"(q1), [q2] "r"(q2), [q3] "r"(q3), [d0] "r"(d0), [d1] "r"(d1), [end] "r"(end),
+              [acc] "r"(acc32), [out] "r"(out), [first] "r"(first), [last] "r"(last)
+            : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+              "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+    }
+}
+#else
+AVX2 static void mk_2_4(const uint8_t *D, const int8_t *Q, int64_t ldq, int64_t nsl, int32_t *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc32[8];
+    for (int i = 0; i < 8; i++) acc32[i] = _mm256_setzero_si256();
+    const uint8_t *d0 = D, *d1 = D + 32;
+    const int8_t *q0 = Q, *q1 = Q + ldq, *q2 = Q + 2 * ldq, *q3 = Q + 3 * ldq;
+    for (int64_t s0 = 0; s0 < nsl; s0 += BT_WIDEN_SLICES) {
+        int64_t s1 = s0 + BT_WIDEN_SLICES < nsl ? s0 + BT_WIDEN_SLICES : nsl;
+        __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00;
+        __m256i c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+        for (int64_t o = 32 * s0; o < 32 * s1; o += 32) {
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(q0 + o));
+            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(q1 + o));
+            const __m256i a2 = _mm256_loadu_si256((const __m256i *)(q2 + o));
+            const __m256i a3 = _mm256_loadu_si256((const __m256i *)(q3 + o));
+            __m256i w = _mm256_loadu_si256((const __m256i *)(d0 + 2 * o));
+            c00 = _mm256_add_epi16(c00, _mm256_maddubs_epi16(w, a0));
+            c01 = _mm256_add_epi16(c01, _mm256_maddubs_epi16(w, a1));
+            c02 = _mm256_add_epi16(c02, _mm256_maddubs_epi16(w, a2));
+            c03 = _mm256_add_epi16(c03, _mm256_maddubs_epi16(w, a3));
+            w = _mm256_loadu_si256((const __m256i *)(d1 + 2 * o));
+            c10 = _mm256_add_epi16(c10, _mm256_maddubs_epi16(w, a0));
+            c11 = _mm256_add_epi16(c11, _mm256_maddubs_epi16(w, a1));
+            c12 = _mm256_add_epi16(c12, _mm256_maddubs_epi16(w, a2));
+            c13 = _mm256_add_epi16(c13, _mm256_maddubs_epi16(w, a3));
+        }
+        acc32[0] = _mm256_add_epi32(acc32[0], _mm256_madd_epi16(c00, ones));
+        acc32[1] = _mm256_add_epi32(acc32[1], _mm256_madd_epi16(c01, ones));
+        acc32[2] = _mm256_add_epi32(acc32[2], _mm256_madd_epi16(c02, ones));
+        acc32[3] = _mm256_add_epi32(acc32[3], _mm256_madd_epi16(c03, ones));
+        acc32[4] = _mm256_add_epi32(acc32[4], _mm256_madd_epi16(c10, ones));
+        acc32[5] = _mm256_add_epi32(acc32[5], _mm256_madd_epi16(c11, ones));
+        acc32[6] = _mm256_add_epi32(acc32[6], _mm256_madd_epi16(c12, ones));
+        acc32[7] = _mm256_add_epi32(acc32[7], _mm256_madd_epi16(c13, ones));
+    }
+    _mm_storeu_si128((__m128i *)out, hsum4(acc32[0], acc32[1], acc32[2], acc32[3]));
+    _mm_storeu_si128((__m128i *)(out + 4), hsum4(acc32[4], acc32[5], acc32[6], acc32[7]));
+}
+#endif
+
+
+/* y[t, n0 .. n0+n) from raw accumulators acc[0..n): vectorised bt_store (same float32 arithmetic). */
+AVX2_INLINE void store_row_block(const bt_mm *a, int64_t t, int64_t n0, const int32_t *acc, int64_t n) {
+    const int32_t rs = a->rowsum[t];
+    const __m256i vrs = _mm256_set1_epi32(rs);
+    int64_t i = 0;
+    if (a->y) {
+        const float f = a->f[t];
+        const __m256 vf = _mm256_set1_ps(f);
+        float *y = a->y + t * a->ldy + n0;
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(acc + i)), vrs);
+            _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), vf));
+        }
+        for (; i < n; i++) y[i] = (float)(acc[i] - rs) * f;
+    } else {
+        int32_t *yi = a->yi + t * a->ldy + n0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_si256((__m256i *)(yi + i), _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(acc + i)), vrs));
+        for (; i < n; i++) yi[i] = acc[i] - rs;
+    }
+}
+
+static _Thread_local int32_t *tl_acc = NULL;
+static _Thread_local size_t tl_acc_cap = 0;
+
+/* K in chunks of at most BT_KC_SLICES slices; per chunk, tokens in tiles of 4 (a tile's activations
+ * stay in L1) and row pairs (the chunk of the decoded panel stays in L2 for all tiles; each pair is
+ * one sequential stream). int32 partial sums for all tokens x panel rows live in a per-thread buffer,
+ * token-major, so the epilogue is a vector loop per token. */
+AVX2 static void gemm_decoded_avx2(const bt_mm *a, int64_t row0, int64_t nrows, const uint8_t *D, int64_t t0,
+                                   int64_t t1) {
+    const int64_t nsl = a->Kp / 32;
+    const int64_t nch = (nsl + BT_KC_SLICES - 1) / BT_KC_SLICES;
+    const int64_t csl = (nsl + nch - 1) / nch; /* balanced chunks */
+    const int64_t npairs = nrows / 2;
+    const size_t need = (size_t)((t1 - t0) * nrows);
+    if (need > tl_acc_cap) {
+        free(tl_acc);
+        tl_acc = (int32_t *)malloc(need * sizeof(int32_t));
+        tl_acc_cap = tl_acc ? need : 0;
+        if (!tl_acc) { /* out of memory: fall back to the generic edge kernels one token at a time */
+            int32_t o[1];
+            for (int64_t t = t0; t < t1; t++)
+                for (int64_t r = 0; r < nrows; r++) {
+                    int32_t sum = 0;
+                    for (int64_t c0 = 0; c0 < nsl; c0 += csl) {
+                        const int64_t cn = nsl - c0 < csl ? nsl - c0 : csl;
+                        const uint8_t *Dr = (nrows & 1) && r == nrows - 1 ? D + r * a->Kp + 32 * c0
+                                                                          : D + (r >> 1) * 2 * a->Kp + 32 * (r & 1) + 64 * c0;
+                        MK_EDGE[1][1](Dr, 0, ((nrows & 1) && r == nrows - 1) ? 32 : 64, a->q + t * a->ldq + 32 * c0,
+                                      a->ldq, cn, o);
+                        sum += o[0];
+                    }
+                    bt_store(a, t, row0 + r, sum);
+                }
+            return;
+        }
+    }
+    int32_t *acc = tl_acc; /* acc[(t - t0) * nrows + r] */
+    int32_t out[16];
+    for (int64_t c0 = 0; c0 < nsl; c0 += csl) {
+        const int64_t cn = nsl - c0 < csl ? nsl - c0 : csl;
+        const int first = c0 == 0;
+        for (int64_t t = t0; t < t1; t += MK_TN) {
+            const int tn = t1 - t < MK_TN ? (int)(t1 - t) : MK_TN;
+            const int8_t *Qc = a->q + t * a->ldq + 32 * c0;
+            int32_t *At = acc + (t - t0) * nrows;
+            for (int64_t p = 0; p < npairs; p++) {
+                const uint8_t *Dp = D + p * 2 * a->Kp + 64 * c0;
+                if (tn == MK_TN)
+                    mk_2_4(Dp, Qc, a->ldq, cn, out);
+                else
+                    MK_EDGE[2][tn](Dp, 32, 64, Qc, a->ldq, cn, out);
+                for (int i = 0; i < 2; i++)
+                    for (int j = 0; j < tn; j++) {
+                        int32_t *A = At + j * nrows + 2 * p + i;
+                        *A = first ? out[i * tn + j] : *A + out[i * tn + j];
+                    }
+            }
+            if (nrows & 1) { /* lone last row, slices contiguous */
+                MK_EDGE[1][tn](D + (nrows - 1) * a->Kp + 32 * c0, 0, 32, Qc, a->ldq, cn, out);
+                for (int j = 0; j < tn; j++) {
+                    int32_t *A = At + j * nrows + nrows - 1;
+                    *A = first ? out[j] : *A + out[j];
+                }
+            }
+        }
+    }
+    for (int64_t t = t0; t < t1; t++) store_row_block(a, t, row0, acc + (t - t0) * nrows, nrows);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * memory roofline: a streaming read with AVX2 loads
+ */
+AVX2 static uint64_t stream_read_avx2(const uint8_t *p, int64_t n, int64_t prefetch) {
+    __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0;
+    int64_t i = 0;
+    if (prefetch > 0) {
+        for (; i + 128 <= n; i += 128) {
+            _mm_prefetch((const char *)p + i + prefetch, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + i + prefetch + 64, _MM_HINT_T0);
+            x0 = _mm256_xor_si256(x0, _mm256_loadu_si256((const __m256i *)(p + i)));
+            x1 = _mm256_xor_si256(x1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
+            x2 = _mm256_xor_si256(x2, _mm256_loadu_si256((const __m256i *)(p + i + 64)));
+            x3 = _mm256_xor_si256(x3, _mm256_loadu_si256((const __m256i *)(p + i + 96)));
+        }
+    } else {
+        for (; i + 128 <= n; i += 128) {
+            x0 = _mm256_xor_si256(x0, _mm256_loadu_si256((const __m256i *)(p + i)));
+            x1 = _mm256_xor_si256(x1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
+            x2 = _mm256_xor_si256(x2, _mm256_loadu_si256((const __m256i *)(p + i + 64)));
+            x3 = _mm256_xor_si256(x3, _mm256_loadu_si256((const __m256i *)(p + i + 96)));
+        }
+    }
+    x0 = _mm256_xor_si256(_mm256_xor_si256(x0, x1), _mm256_xor_si256(x2, x3));
+    uint64_t v[4];
+    _mm256_storeu_si256((__m256i *)v, x0);
+    uint64_t h = v[0] ^ v[1] ^ v[2] ^ v[3];
+    for (; i < n; i++) h ^= p[i];
+    return h;
+}
+
+const bt_kernels bt_kernels_avx2 = {
+    "avx2", quantize_row_avx2, gemv_avx2, decode_avx2, gemm_decoded_avx2, stream_read_avx2,
+};
+
+#else
+typedef int bt_avx2_unused; /* keep ISO C happy: no empty translation unit */
+#endif /* x86 */

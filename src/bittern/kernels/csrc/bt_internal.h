@@ -1,0 +1,102 @@
+/* Internal interfaces shared by the bittern C files: the per-ISA kernel table and the thread pool. */
+#ifndef BT_INTERNAL_H
+#define BT_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "bittern.h"
+
+#define BT_GROUP 4          /* rows interleaved per group in the *-r4 layouts */
+#define BT_BLOCK_2B 128     /* columns per 32-byte block, 2bit-r4 */
+#define BT_BLOCK_1P6 160    /* columns per 32-byte block, 1.6bit-r4 */
+#define BT_SLICE 32         /* columns per SIMD slice (one 256-bit vector of int8) */
+#ifndef BT_WIDEN_SLICES
+/* int16 partial sums of maddubs products are widened to int32 at least every 64 products: each
+ * product lane is (c+1)*q + (c+1)*q in [-512, 508], so 64 of them stay in [-32768, 32512]. */
+#define BT_WIDEN_SLICES 64
+#endif
+#define BT_MAX_PANEL_ROWS 1024 /* rows of decoded weights per GEMM panel, at most */
+#ifndef BT_KC_SLICES
+#define BT_KC_SLICES 108 /* GEMM K chunk in 32-column slices: 4 tokens x 3456 columns stay in L1 */
+#endif
+#define BT_KC_BYTES (32 * BT_KC_SLICES)
+
+#define BT_UNUSED(x) (void)(x)
+
+#if defined(__GNUC__)
+#define BT_INLINE static inline __attribute__((always_inline))
+#define BT_RESTRICT __restrict__
+#else
+#define BT_INLINE static inline
+#define BT_RESTRICT
+#endif
+
+/* One matrix product: everything a kernel needs to produce rows [row0, row1) of y for all tokens. */
+typedef struct {
+    int fmt;
+    const uint8_t *w;     /* packed weights in the fmt layout */
+    int64_t N, K, Kp;     /* rows, logical columns, padded columns of the layout */
+    int64_t row_bytes;    /* Kp/4 or Kp/5 */
+    const int8_t *q;      /* activations [T, ldq] */
+    int64_t ldq;
+    const int32_t *rowsum;/* per-token sum of q */
+    const float *f;       /* per-token gamma / s[t] (float32) */
+    int64_t T;
+    float *y;             /* [T, ldy] float out, or NULL */
+    int32_t *yi;          /* [T, ldy] raw int32 out when y == NULL */
+    int64_t ldy;
+} bt_mm;
+
+/* Writes the output of row n for token t from the raw (offset) accumulator: acc = raw - rowsum[t]. */
+BT_INLINE void bt_store(const bt_mm *a, int64_t t, int64_t n, int32_t raw) {
+    int32_t acc = raw - a->rowsum[t];
+    if (a->y)
+        a->y[t * a->ldy + n] = (float)acc * a->f[t];
+    else
+        a->yi[t * a->ldy + n] = acc;
+}
+
+/* Address of row group g (rows 4g..4g+3) of a *-r4 layout. */
+BT_INLINE const uint8_t *bt_group_ptr(const bt_mm *a, int64_t g) {
+    return a->w + g * (int64_t)BT_GROUP * a->row_bytes;
+}
+
+typedef struct {
+    const char *name;
+    /* one token: q[0..Kpad) with zero padding after K; *s and *rowsum */
+    void (*quantize_row)(const void *x, int dtype, int64_t K, int8_t *q, int64_t Kpad, float *s, int32_t *rowsum);
+    /* GEMV for rows [row0, row1) (row0 a multiple of 4), every token t < T, one token at a time */
+    void (*gemv)(const bt_mm *a, int64_t row0, int64_t row1);
+    /* decode rows [row0, row0+nrows) to bytes code+1 in {0,1,2}: dst[r * Kp + k] */
+    void (*decode)(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst);
+    /* GEMM of decoded rows D [nrows, Kp] against tokens [t0, t1); writes y via bt_store */
+    void (*gemm_decoded)(const bt_mm *a, int64_t row0, int64_t nrows, const uint8_t *D, int64_t t0, int64_t t1);
+    /* streaming read of [p, p+n) */
+    uint64_t (*stream_read)(const uint8_t *p, int64_t n, int64_t prefetch);
+} bt_kernels;
+
+extern const bt_kernels bt_kernels_scalar;
+#if defined(__x86_64__) || defined(__i386__)
+#define BT_HAVE_AVX2_BUILD 1
+extern const bt_kernels bt_kernels_avx2;
+#endif
+#if defined(__aarch64__)
+#define BT_HAVE_NEON_BUILD 1
+extern const bt_kernels bt_kernels_neon;
+#endif
+
+/* ---- thread pool ---- */
+typedef void (*bt_task_fn)(void *ctx, int tid, int nthreads);
+/* Runs fn(ctx, tid, n) for tid in [0, n) on n threads (the caller is tid 0) and waits for all. */
+void bt_parallel(bt_task_fn fn, void *ctx, int n);
+int bt_online_cpus(void);
+const char *bt_pool_name(void);
+void bt_pool_resize(int n);
+
+/* ---- shared scalar helpers (bit-exact definitions) ---- */
+float bt_half_to_float(uint16_t h);
+float bt_bf16_to_float(uint16_t h);
+
+#endif
