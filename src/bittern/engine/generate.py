@@ -1,0 +1,459 @@
+"""Generation on the engine: one sequence (streaming), many at once, and a continuous-batching generator.
+
+:class:`Engine` couples an :class:`~bittern.engine.model.EngineModel` with a tokenizer and offers
+``generate`` / ``stream`` (text), ``generate_ids`` (token ids) and ``generate_batch`` (many prompts,
+decode steps for the whole batch through one GEMM per layer). :class:`EngineBatchGenerator` offers the
+same ``add`` / ``step`` / ``cancel`` interface as :class:`bittern.batching.BatchGenerator`, so the
+server can run on the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ..batching import Request, StepOutput
+from ..errors import UsageError
+from ..sampling import SamplingParams, make_generator, sample_next
+from .kvcache import EngineKVCache
+from .model import EngineModel
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def set_threads(n: int | None) -> int:
+    """Use ``n`` CPU threads for kernels and torch ops (None: all cores); returns the number in use."""
+    n = n or os.cpu_count() or 1
+    if n <= 0:
+        raise ValueError("threads must be a positive number")
+    torch.set_num_threads(n)
+    try:
+        from ..kernels import native  # type: ignore[attr-defined]
+
+        if hasattr(native, "set_threads"):
+            native.set_threads(n)
+    except ImportError:
+        pass
+    from .headkernel import load_head_kernel
+
+    k = load_head_kernel()
+    if k is not None:
+        k.threads = n
+    return n
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one generation."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prompt tokens per second."""
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second after the first (each costs one decode step)."""
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class _Seen:
+    """Token ids seen by a sequence (for the repetition penalty), grown without reallocating per token."""
+
+    def __init__(self, prompt: list[int], capacity: int) -> None:
+        self.buf = torch.empty(1, len(prompt) + capacity, dtype=torch.long)
+        self.buf[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        self.n = len(prompt)
+
+    def add(self, token: int) -> None:
+        self.buf[0, self.n] = token
+        self.n += 1
+
+    def view(self) -> torch.Tensor:
+        return self.buf[:, : self.n]
+
+
+class _TextStream:
+    """Incremental detokenisation with stop strings: emits only text that is final."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        self.text = text
+        return self._release(final=False)
+
+    def _release(self, final: bool) -> str:
+        text = self.text
+        limit = len(text)
+        for s in self.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                limit = min(limit, cut)
+                self.stopped = True
+        if not self.stopped and not final:
+            for s in self.stop:  # hold back a tail that may be the start of a stop string
+                for n in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:n]):
+                        limit = min(limit, len(text) - n)
+                        break
+        out = text[self.emitted : limit] if limit > self.emitted else ""
+        self.emitted = max(self.emitted, limit)
+        return out
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.text = self.tok.decode(self.ids)
+        return self._release(final=True)
+
+
+class Engine:
+    """Fast generation from a packed model on CPU."""
+
+    def __init__(self, model: EngineModel, tokenizer: Any | None = None, kv_dtype: str = "f16") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kv_dtype = kv_dtype
+        self.last_stats = GenerationStats()
+        self._cache: EngineKVCache | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, head: str = "int8", kv_dtype: str = "f16", threads: int | None = None,
+             backend: str | None = None) -> "Engine":
+        """Open a packed model directory (memory-mapped) with its tokenizer when it has one."""
+        from pathlib import Path
+
+        from ..modelfile import read_config
+
+        if threads is not None:
+            set_threads(threads)
+        model = EngineModel.load(path, head=head, backend=backend)
+        tokenizer = None
+        meta = read_config(path)
+        if meta.get("tokenizer"):
+            from ..tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(Path(path) / meta["tokenizer"])
+        return cls(model, tokenizer, kv_dtype)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def context(self) -> int:
+        """The model's context length in tokens."""
+        return self.model.config.max_seq_len
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (text needs a tokenizer; ids are checked against the vocabulary)."""
+        if isinstance(prompt, (bytes, bytearray)):
+            try:
+                prompt = bytes(prompt).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"the prompt is not valid UTF-8 ({e})") from None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UsageError("this model has no tokenizer: pass token ids instead of text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UsageError(f"the prompt is not valid UTF-8 ({e.reason} at position {e.start})") from None
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise UsageError("the prompt is empty: give at least one token")
+        V = self.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{V - 1})")
+        return ids
+
+    def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Token ids of ``prompt`` after checking it and ``params`` (clear :class:`UsageError` otherwise)."""
+        ids = self.encode(prompt)
+        self._check(ids, params)
+        return ids
+
+    def _check(self, ids: list[int], params: SamplingParams) -> None:
+        try:
+            params.validate()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if len(ids) >= self.context:
+            raise UsageError(f"the prompt has {len(ids)} tokens but the model's context is {self.context} "
+                             f"(at most {self.context - 1} prompt tokens)")
+
+    def eos_ids(self) -> set[int]:
+        """End-of-sequence ids of the tokenizer (empty without one)."""
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            return {self.tokenizer.eos_id}
+        return set()
+
+    def _get_cache(self, length: int) -> EngineKVCache:
+        c = self._cache
+        if c is None or c.max_len < length or c.slots != 1 or c.dtype_name != self.kv_dtype:
+            c = self._cache = self.model.new_cache(1, length, self.kv_dtype)
+        return c
+
+    # ------------------------------------------------------------------ single sequence
+
+    def generate_ids(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     eos_ids: set[int] | None = None) -> Iterator[int]:
+        """Yield new token ids after ``prompt`` until max tokens, an EOS id or the end of the context."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self._check(ids, params)
+        eos = self.eos_ids() if eos_ids is None else set(eos_ids)
+        return self._generate(ids, params, eos)
+
+    def _generate(self, ids: list[int], params: SamplingParams, eos: set[int]) -> Iterator[int]:
+        length = min(self.context, len(ids) + params.max_tokens)
+        cache = self._get_cache(length)
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        generator = make_generator(params.seed)
+        penalty = params.repetition_penalty != 1.0
+        seen = _Seen(ids, params.max_tokens) if penalty else None
+        t0 = time.perf_counter()
+        logits = self.model.prefill(ids, cache, 0, 0)
+        stats.prefill_seconds = time.perf_counter() - t0
+        pos = len(ids)
+        slots = [0]
+        t1 = time.perf_counter()
+        for n in range(params.max_tokens):
+            token = int(sample_next(logits, params, generator, seen.view() if seen else None)[0])
+            stats.generated_tokens = n + 1
+            stats.decode_seconds = time.perf_counter() - t1
+            yield token
+            if token in eos or pos >= length or n + 1 >= params.max_tokens:
+                return
+            if seen is not None:
+                seen.add(token)
+            if n == 0:
+                t1 = time.perf_counter()
+            logits = self.model.decode([token], cache, slots, [pos])
+            pos += 1
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield pieces of generated text as they become final (stop strings and EOS honoured)."""
+        if self.tokenizer is None:
+            raise UsageError("this model has no tokenizer: use generate_ids")
+        params = params or SamplingParams()
+        text = _TextStream(self.tokenizer, params.stop)
+        it = self.generate_ids(self.check_prompt(prompt, params), params)
+        try:
+            for token in it:
+                if token in self.eos_ids():
+                    break
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    break
+            tail = text.finish()
+            if tail:
+                yield tail
+        finally:
+            if hasattr(it, "close"):
+                it.close()
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
+        """Generate a whole continuation: text (with a tokenizer), ids, finish reason and timings."""
+        params = params or SamplingParams()
+        ids: list[int] = []
+        eos = self.eos_ids()
+        reason = "length"
+        stream = _TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        for token in self.generate_ids(prompt, params, eos):
+            if token in eos:
+                reason = "stop"
+                break
+            ids.append(token)
+            if stream is not None:
+                stream.push(token)
+                if stream.stopped:
+                    reason = "stop"
+                    break
+        text = ""
+        if stream is not None:
+            stream.finish()
+            text = stream.text[: stream.emitted] if stream.stopped else stream.text
+        return GenerationResult(text, ids, reason, self.last_stats)
+
+    # ------------------------------------------------------------------ many sequences
+
+    def batch_generator(self, max_batch: int = 8, max_len: int | None = None) -> "EngineBatchGenerator":
+        """A continuous-batching generator (``add`` / ``step`` / ``cancel``) over this engine."""
+        return EngineBatchGenerator(self, max_batch, max_len)
+
+    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                       ) -> list[GenerationResult]:
+        """Generate for many prompts at once; each decode step runs the whole batch through one GEMM per layer."""
+        if not prompts:
+            return []
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("give one SamplingParams per prompt (or one for all)")
+        encoded = [self.encode(p) for p in prompts]
+        for ids, p in zip(encoded, plist):
+            self._check(ids, p)
+        longest = max(len(ids) + p.max_tokens for ids, p in zip(encoded, plist))
+        gen = self.batch_generator(len(prompts), min(self.context, longest + 1))
+        eos = self.eos_ids()
+        rid = [gen.add(ids, p, eos) for ids, p in zip(encoded, plist)]
+        out: dict[int, list[int]] = {r: [] for r in rid}
+        reasons: dict[int, str] = {}
+        while gen.active:
+            for o in gen.step():
+                if not (o.finished and o.finish_reason == "stop" and o.token in eos):
+                    out[o.request_id].append(o.token)
+                if o.finished:
+                    reasons[o.request_id] = o.finish_reason or "length"
+        results = []
+        for r, p in zip(rid, plist):
+            toks = out[r]
+            text = ""
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(toks)
+                for s in p.stop:
+                    cut = text.find(s) if s else -1
+                    if cut >= 0:
+                        text, reasons[r] = text[:cut], "stop"
+            results.append(GenerationResult(text, toks, reasons.get(r, "length")))
+        return results
+
+    # ------------------------------------------------------------------ scoring
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits ``[T, vocab]`` for every position of ``ids`` (one prefill)."""
+        cache = self.model.new_cache(1, len(ids), self.kv_dtype)
+        return self.model.prefill(ids, cache, 0, 0, all_logits=True).clone()
+
+    def perplexity(self, ids: list[int], window: int | None = None) -> float:
+        """Perplexity of ``ids`` in consecutive windows of ``window`` tokens (default: the context)."""
+        window = min(window or self.context, self.context)
+        total, count = 0.0, 0
+        for a in range(0, len(ids) - 1, window):
+            chunk = ids[a : a + window + 1]
+            if len(chunk) < 2:
+                break
+            logits = self.logits(chunk[:-1])
+            target = torch.tensor(chunk[1:])
+            total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            count += len(chunk) - 1
+        return float(torch.exp(torch.tensor(total / count)))
+
+
+class EngineBatchGenerator:
+    """Continuous batching on the engine, with :class:`bittern.batching.BatchGenerator`'s interface."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.max_batch = max_batch
+        self.max_len = min(max_len or self.model.config.max_seq_len, self.model.config.max_seq_len)
+        self.cache = self.model.new_cache(max_batch, self.max_len, engine.kv_dtype)
+        self.requests: dict[int, Request] = {}
+        self._free = list(range(max_batch))
+        self._ids = itertools.count()
+        self._seen: dict[int, _Seen] = {}
+
+    @property
+    def free_slots(self) -> int:
+        """How many more requests can join now."""
+        return len(self._free)
+
+    @property
+    def active(self) -> int:
+        """Requests currently generating."""
+        return len(self.requests)
+
+    def add(self, prompt: list[int], params: SamplingParams, eos_ids: set[int] | None = None, user_data: Any = None) -> int:
+        """Prefill ``prompt`` into a free slot and return the new request's id."""
+        params.validate()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.max_len}")
+        if not self._free:
+            raise RuntimeError("no free slot: wait for a request to finish")
+        slot = self._free.pop(0)
+        request = Request(next(self._ids), slot, list(prompt), params, set(eos_ids or ()), make_generator(params.seed),
+                          user_data=user_data)
+        request.next_logits = self.model.prefill(prompt, self.cache, slot, 0).clone()
+        request.position = len(prompt)
+        if params.repetition_penalty != 1.0:
+            self._seen[request.id] = _Seen(request.prompt, params.max_tokens)
+        self.requests[request.id] = request
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request now and free its slot (unknown ids are ignored)."""
+        request = self.requests.pop(request_id, None)
+        self._seen.pop(request_id, None)
+        if request is not None:
+            self._free.append(request.slot)
+
+    def step(self) -> list[StepOutput]:
+        """Sample one token for every active request, then one batched decode step for those continuing."""
+        outputs: list[StepOutput] = []
+        continuing: list[Request] = []
+        for request in list(self.requests.values()):
+            seen = self._seen.get(request.id)
+            token = int(sample_next(request.next_logits, request.params, request.generator,
+                                    seen.view() if seen else None)[0])
+            request.generated.append(token)
+            if seen is not None:
+                seen.add(token)
+            reason = None
+            if token in request.eos_ids:
+                reason = "stop"
+            elif len(request.generated) >= request.params.max_tokens or request.position + 1 >= self.max_len:
+                reason = "length"
+            if reason:
+                request.finished, request.finish_reason = True, reason
+                self.cancel(request.id)
+            else:
+                continuing.append(request)
+            outputs.append(StepOutput(request.id, token, reason is not None, reason))
+        if continuing:
+            logits = self.model.decode([r.generated[-1] for r in continuing], self.cache,
+                                       [r.slot for r in continuing], [r.position for r in continuing])
+            for i, r in enumerate(continuing):
+                r.next_logits = logits[i : i + 1].clone()
+                r.position += 1
+        return outputs

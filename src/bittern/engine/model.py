@@ -1,0 +1,413 @@
+"""The engine's model: packed ternary layers, norms, RoPE, GQA attention, embedding and LM head.
+
+:class:`EngineModel` is a flat, inference-only representation of a packed bittern model. It runs
+the same arithmetic as the frozen :class:`bittern.model.Transformer` (the reference path), with the
+linear layers grouped by shared input (q/k/v, gate/up), preallocated decode buffers and a
+:class:`~bittern.engine.kvcache.EngineKVCache`. Prefill runs each layer as one GEMM over all prompt
+tokens; decode runs one GEMV per layer per token, or one GEMM for a batch of sequences.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..configs import ModelConfig
+from ..errors import UsageError
+from ..modelfile import WEIGHTS_FILE, ModelFileError, read_config, read_safetensors
+from ..model import Transformer, rope_tables
+from ..pack import TernaryWeight, get_layout
+from .head import TokenTable
+from .kvcache import EngineKVCache
+from .linear import LinearGroup, rms_norm
+
+
+@dataclass
+class EngineLayer:
+    """One transformer block as the engine holds it."""
+
+    attn_norm: torch.Tensor | None
+    qkv: LinearGroup
+    attn_sub_norm: torch.Tensor | None
+    o: LinearGroup
+    ffn_norm: torch.Tensor | None
+    gate_up: LinearGroup
+    ffn_sub_norm: torch.Tensor | None
+    down: LinearGroup
+
+
+class _Buffers:
+    """Preallocated activations for decode steps of ``rows`` tokens."""
+
+    def __init__(self, cfg: ModelConfig, rows: int) -> None:
+        h, kv, f = cfg.hidden_size, cfg.kv_dim, cfg.intermediate_size
+        self.x = torch.empty(rows, h)
+        self.qkv = torch.empty(rows, h + 2 * kv)
+        self.rot = torch.empty(rows, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        self.attn = torch.empty(rows, h)
+        self.o = torch.empty(rows, h)
+        self.gu = torch.empty(rows, 2 * f)
+        self.down = torch.empty(rows, h)
+        self.logits = torch.empty(rows, cfg.vocab_size)
+
+
+class _FastBuffers:
+    """Preallocated buffers (and their addresses) of the C decode path for ``rows`` tokens."""
+
+    def __init__(self, cfg: ModelConfig, rows: int, kp_h: int, kp_f: int) -> None:
+        h, kv, f = cfg.hidden_size, cfg.kv_dim, cfg.intermediate_size
+        self.x = torch.empty(rows, h)
+        self.xn = torch.empty(rows, h)
+        self.qkv = torch.empty(rows, h + 2 * kv)
+        self.attn = torch.empty(rows, h)
+        self.o = torch.empty(rows, h)
+        self.gu = torch.empty(rows, 2 * f)
+        self.down = torch.empty(rows, h)
+        self.logits = torch.empty(rows, cfg.vocab_size)
+        self.scores = torch.empty(cfg.max_seq_len)
+        self.qh = torch.zeros(rows, kp_h, dtype=torch.int8)  # zero padding columns stay zero
+        self.qf = torch.zeros(rows, kp_f, dtype=torch.int8)
+        self.s = torch.empty(rows)
+        self.rs = torch.empty(rows, dtype=torch.int32)
+        self.qh_args = (self.qh.data_ptr(), kp_h, self.s.data_ptr(), self.rs.data_ptr())
+        self.qf_args = (self.qf.data_ptr(), kp_f, self.s.data_ptr(), self.rs.data_ptr())
+        self.plan: list[tuple] | None = None
+
+
+_KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class EngineModel:
+    """A packed BitNet b1.58 model ready for fast CPU inference."""
+
+    def __init__(self, config: ModelConfig, layers: list[EngineLayer], embed: TokenTable, head: TokenTable,
+                 final_norm: torch.Tensor, source_bytes: int = 0) -> None:
+        self.config = config
+        self.layers = layers
+        self.embed = embed
+        self.head = head
+        self.final_norm = final_norm
+        self.source_bytes = source_bytes
+        self.eps = config.norm_eps
+        c = config
+        self.H, self.KVH, self.hd = c.num_heads, c.num_kv_heads, c.head_dim
+        self.rep = c.num_heads // c.num_kv_heads
+        self.cos, self.sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        self._buffers: dict[int, _Buffers] = {}
+        self._fast: dict[int, _FastBuffers] = {}
+        self.use_fast_path = self.fast_path_available()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_transformer(cls, model: Transformer, head: str = "f32", embed: str | None = None,
+                         backend: str | None = None) -> "EngineModel":
+        """Build from a frozen (packed) :class:`Transformer`, e.g. one from :func:`bittern.modelfile.load_packed`."""
+        if not model.is_packed:
+            raise ValueError("the model is not packed: call model.freeze() first")
+        state = {n: t.detach() for n, t in model.state_dict().items()}
+        for name, lin in model.packed_linears().items():
+            state[f"{name}.weight_packed"] = lin.weight_packed
+            state[f"{name}.weight_scale"] = lin.weight_scale.reshape(1)
+            state["__layout__"] = lin.layout  # type: ignore[assignment]
+        layout = state.pop("__layout__", "2bit")  # type: ignore[arg-type]
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return cls._build(model.config, state, str(layout), head, embed, backend, 0)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, head: str = "int8", embed: str | None = None,
+             backend: str | None = None) -> "EngineModel":
+        """Open a packed model directory; ternary weights stay memory-mapped (nothing copied)."""
+        directory = Path(path)
+        if not directory.exists():
+            raise UsageError(f"{directory}: no such model directory")
+        meta = read_config(directory)
+        cfg: ModelConfig = meta["model"]
+        if cfg.linear != "bitnet":
+            raise ModelFileError(f"{directory}: the engine runs BitNet (ternary) models only")
+        tensors, _ = read_safetensors(directory / WEIGHTS_FILE)
+        size = (directory / WEIGHTS_FILE).stat().st_size
+        return cls._build(cfg, tensors, meta.get("layout", "2bit"), head, embed, backend, size, directory / WEIGHTS_FILE,
+                          mapped=True)
+
+    @classmethod
+    def _build(cls, cfg: ModelConfig, t: dict[str, torch.Tensor], layout: str, head: str, embed: str | None,
+               backend: str | None, size: int, where: Path | str = "state", mapped: bool = False) -> "EngineModel":
+        lay = get_layout(layout)
+
+        def take(name: str) -> torch.Tensor:
+            if name not in t:
+                raise ModelFileError(f"{where}: tensor {name!r} is missing")
+            return t[name]
+
+        def norm(name: str) -> torch.Tensor:
+            return take(name).float()
+
+        def ternary(name: str, out_f: int, in_f: int) -> TernaryWeight:
+            packed = take(f"{name}.weight_packed")
+            if tuple(packed.shape) != (out_f, lay.packed_cols(in_f)):
+                raise ModelFileError(f"{where}: tensor {name + '.weight_packed'!r} has shape {tuple(packed.shape)}, "
+                                     f"expected {(out_f, lay.packed_cols(in_f))} for layout {layout}")
+            return TernaryWeight(packed, take(f"{name}.weight_scale").float().reshape(()), out_f, in_f, layout)
+
+        shapes = cfg.linear_shapes()
+        inner = cfg.bitlinear_norm
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}"
+            names = {"q_proj": f"{p}.self_attn.q_proj", "k_proj": f"{p}.self_attn.k_proj", "v_proj": f"{p}.self_attn.v_proj",
+                     "o_proj": f"{p}.self_attn.o_proj", "gate_proj": f"{p}.mlp.gate_proj", "up_proj": f"{p}.mlp.up_proj",
+                     "down_proj": f"{p}.mlp.down_proj"}
+            w = {k: ternary(n, *shapes[k]) for k, n in names.items()}
+            nrm = {k: (norm(f"{n}.norm.weight") if inner else None) for k, n in names.items()}
+
+            def group(keys: list[str]) -> LinearGroup:
+                return LinearGroup([w[k] for k in keys], [nrm[k] for k in keys], backend, cfg.norm_eps)
+
+            layers.append(EngineLayer(
+                attn_norm=None if inner else norm(f"{p}.input_layernorm.weight"),
+                qkv=group(["q_proj", "k_proj", "v_proj"]),
+                attn_sub_norm=norm(f"{p}.self_attn.attn_sub_norm.weight") if cfg.subln else None,
+                o=group(["o_proj"]),
+                ffn_norm=None if inner else norm(f"{p}.post_attention_layernorm.weight"),
+                gate_up=group(["gate_proj", "up_proj"]),
+                ffn_sub_norm=norm(f"{p}.mlp.ffn_sub_norm.weight") if cfg.subln else None,
+                down=group(["down_proj"]),
+            ))
+        emb_w = take("embed_tokens.weight")
+        if tuple(emb_w.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ModelFileError(f"{where}: embed_tokens.weight has shape {tuple(emb_w.shape)}")
+        if cfg.tie_embeddings:
+            table = TokenTable(emb_w, head, release_source=mapped)
+            if embed not in (None, head):
+                raise ValueError("a tied model shares one table for embedding and head: use head= only")
+            emb_table = head_table = table
+        else:
+            head_table = TokenTable(take("lm_head.weight"), head, release_source=mapped)
+            stored = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(emb_w.dtype, "f32")
+            emb_table = TokenTable(emb_w, embed or stored)
+        return cls(cfg, layers, emb_table, head_table, norm("norm.weight"), size)
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Weight bytes read by one decode step (ternary layers plus LM head)."""
+        n = sum(g.nbytes for L in self.layers for g in (L.qkv, L.o, L.gate_up, L.down))
+        return n + self.head.nbytes
+
+    def new_cache(self, slots: int = 1, max_len: int | None = None, dtype: str = "f16") -> EngineKVCache:
+        """A KV cache for ``slots`` sequences of up to ``max_len`` positions (default: the context)."""
+        return EngineKVCache(self.config, slots, min(max_len or self.config.max_seq_len, self.config.max_seq_len), dtype)
+
+    def fast_path_available(self) -> bool:
+        """Whether decode can run on the C path (native kernels, the engine's C helpers, pre-norm blocks)."""
+        from .headkernel import load_head_kernel
+
+        if self.config.bitlinear_norm or load_head_kernel() is None:
+            return False
+        return all(g.fused for L in self.layers for g in (L.qkv, L.o, L.gate_up, L.down))
+
+    def _bufs(self, rows: int) -> _Buffers:
+        b = self._buffers.get(rows)
+        if b is None:
+            b = self._buffers[rows] = _Buffers(self.config, rows)
+        return b
+
+    # ------------------------------------------------------------------ forward
+
+    def _rope(self, qk: torch.Tensor, rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate ``qk [N, heads, hd]`` in place (rotate-half convention); cos/sin ``[N, 1, hd]``."""
+        half = self.hd // 2
+        torch.neg(qk[..., half:], out=rot[..., :half])
+        rot[..., half:].copy_(qk[..., :half])
+        qk.mul_(cos)
+        rot.mul_(sin)
+        qk.add_(rot)
+
+    def _mlp(self, L: EngineLayer, h: torch.Tensor, gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        f = self.config.intermediate_size
+        L.gate_up(h, gu)
+        gate, up = gu[:, :f], gu[:, f:]
+        if self.config.activation == "swiglu":
+            F.silu(gate, inplace=True)
+        else:
+            torch.relu_(gate)
+            gate.square_()
+        gate.mul_(up)
+        if L.ffn_sub_norm is not None:
+            gate = rms_norm(gate, L.ffn_sub_norm, self.eps)
+        return L.down(gate, out)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return x if w is None else rms_norm(x, w, self.eps)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int] | torch.Tensor, cache: EngineKVCache, slot: int = 0, start: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run ``T`` tokens of one sequence from position ``start``; logits of the last (or every) position."""
+        ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        T = ids.numel()
+        end = start + T
+        if T == 0:
+            raise ValueError("no tokens to run")
+        if end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
+        H, KVH, hd = self.H, self.KVH, self.hd
+        hdim, kvd = self.config.hidden_size, self.config.kv_dim
+        x = self.embed.embed(ids)
+        cos = self.cos[start:end].unsqueeze(1)
+        sin = self.sin[start:end].unsqueeze(1)
+        qkv = torch.empty(T, hdim + 2 * kvd)
+        rot = torch.empty(T, H + KVH, hd)
+        gu = torch.empty(T, 2 * self.config.intermediate_size)
+        tmp = torch.empty(T, hdim)
+        mask = None
+        if start > 0:
+            mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
+        for i, L in enumerate(self.layers):
+            L.qkv(self._norm(x, L.attn_norm), qkv)
+            qk = qkv[:, : hdim + kvd].view(T, H + KVH, hd)
+            self._rope(qk, rot, cos, sin)
+            k_new = qkv[:, hdim : hdim + kvd].view(T, KVH, hd).transpose(0, 1)
+            v_new = qkv[:, hdim + kvd :].view(T, KVH, hd).transpose(0, 1)
+            cache.write(i, slot, start, k_new, v_new)
+            k, v = cache.read(i, slot, end)
+            q = qkv[:, :hdim].view(T, H, hd).transpose(0, 1).unsqueeze(0)
+            if mask is None:
+                a = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=True)
+            else:
+                a = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=True)
+            a = a[0].transpose(0, 1).reshape(T, hdim)
+            if L.attn_sub_norm is not None:
+                a = rms_norm(a, L.attn_sub_norm, self.eps)
+            x += L.o(a, tmp)
+            x += self._mlp(L, self._norm(x, L.ffn_norm), gu, tmp)
+        if not all_logits:
+            x = x[-1:]
+        return self.head.logits(rms_norm(x, self.final_norm, self.eps))
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], cache: EngineKVCache, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token for each of ``B`` sequences (token ``tokens[b]`` at ``positions[b]`` of ``slots[b]``).
+
+        Returns logits ``[B, vocab]`` in a buffer reused by the next call with the same ``B``.
+        """
+        for p in positions:
+            if p + 1 > cache.max_len:
+                raise ValueError(f"sequence of {p + 1} tokens exceeds the cache length {cache.max_len}")
+        if self.use_fast_path and not cache.quantized:
+            return self._decode_fast(tokens, cache, slots, positions)
+        return self._decode_torch(tokens, cache, slots, positions)
+
+    def _decode_fast(self, tokens: list[int], cache: EngineKVCache, slots: list[int], positions: list[int]) -> torch.Tensor:
+        from .headkernel import load_head_kernel
+
+        C = load_head_kernel()
+        B = len(tokens)
+        fb = self._fast.get(B)
+        if fb is None:
+            fb = self._fast[B] = _FastBuffers(self.config, B, self.layers[0].qkv._kp, self.layers[0].down._kp)
+        cfg = self.config
+        h, H, KVH, hd, eps = cfg.hidden_size, self.H, self.KVH, self.hd, self.eps
+        norm_quant, act_quant, attend = C.norm_quant, C.act_quant, C.attend
+        mm = self.layers[0].qkv._mm  # bt_matmul_mode; its arguments were checked when the plan was built
+        fb.x.copy_(self.embed.embed(torch.tensor(tokens, dtype=torch.long)))
+        xp, xnp, qkvp, attnp, downp = fb.x.data_ptr(), fb.xn.data_ptr(), fb.qkv.data_ptr(), fb.attn.data_ptr(), fb.down.data_ptr()
+        dt = _KV_CODES[cache.k.dtype]
+        es = cache.k.element_size()
+        max_len, slots_n = cache.max_len, cache.slots
+        plane = KVH * max_len * hd * es
+        kbase, vbase = cache.k.data_ptr(), cache.v.data_ptr()
+        cbase, sbase = self.cos.data_ptr(), self.sin.data_ptr()
+        row_qkv = (h + 2 * cfg.kv_dim) * 4
+        scores = fb.scores.data_ptr()
+        plan = fb.plan
+        if plan is None:
+            plan = fb.plan = self._plan(fb, B)
+        for i, (nq1, mm_qkv, nq2, mm_o, nq3, mm_gu, aq, mm_down) in enumerate(plan):
+            norm_quant(*nq1)
+            for a in mm_qkv:
+                mm(*a)
+            for b in range(B):
+                p = positions[b]
+                off = (i * slots_n + slots[b]) * plane
+                attend(qkvp + b * row_qkv, H, KVH, hd, p, cbase + p * hd * 4, sbase + p * hd * 4, kbase + off,
+                       vbase + off, dt, max_len, attnp + b * h * 4, scores)
+            norm_quant(*nq2)
+            for a in mm_o:
+                mm(*a)
+            norm_quant(*nq3)
+            for a in mm_gu:
+                mm(*a)
+            act_quant(*aq)
+            for a in mm_down:
+                mm(*a)
+        norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
+        return self.head.logits(fb.xn, fb.logits)
+
+    def _plan(self, fb: "_FastBuffers", B: int) -> list[tuple]:
+        """Every argument of the per-layer C calls of a ``B``-row decode step that does not change per step."""
+        cfg = self.config
+        h, f, eps = cfg.hidden_size, cfg.intermediate_size, self.eps
+        qh, ldh, sp, rsp = fb.qh_args
+        qf, ldf = fb.qf_args[0], fb.qf_args[1]
+        xp, xnp, attnp, op, gup, downp = (fb.x.data_ptr(), fb.xn.data_ptr(), fb.attn.data_ptr(), fb.o.data_ptr(),
+                                          fb.gu.data_ptr(), fb.down.data_ptr())
+        act = 0 if cfg.activation == "swiglu" else 1
+
+        def mms(group: LinearGroup, qp: int, ldq: int, out: torch.Tensor) -> list[tuple]:
+            optr, ldy = out.data_ptr(), out.stride(0)
+            return [(0, fmt, wp, n, k, qp, ldq, rsp, sp, B, gamma, optr + 4 * off, None, ldy)
+                    for (fmt, wp, n, k, gamma), off in zip(group._wargs, group.offsets)]
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        plan = []
+        for i, L in enumerate(self.layers):
+            plan.append((
+                (xp, downp if i else None, ptr(L.attn_norm), eps, B, h, xnp, qh, ldh, sp, rsp),
+                mms(L.qkv, qh, ldh, fb.qkv),
+                (attnp, None, ptr(L.attn_sub_norm), eps, B, h, None, qh, ldh, sp, rsp),
+                mms(L.o, qh, ldh, fb.o),
+                (xp, op, ptr(L.ffn_norm), eps, B, h, xnp, qh, ldh, sp, rsp),
+                mms(L.gate_up, qh, ldh, fb.gu),
+                (gup, B, f, act, ptr(L.ffn_sub_norm), eps, qf, ldf, sp, rsp),
+                mms(L.down, qf, ldf, fb.down),
+            ))
+        return plan
+
+    def _decode_torch(self, tokens: list[int], cache: EngineKVCache, slots: list[int], positions: list[int]) -> torch.Tensor:
+        B = len(tokens)
+        bufs = self._bufs(B)
+        H, KVH, hd, rep = self.H, self.KVH, self.hd, self.rep
+        hdim, kvd = self.config.hidden_size, self.config.kv_dim
+        ids = torch.tensor(tokens, dtype=torch.long)
+        x = bufs.x
+        x.copy_(self.embed.embed(ids))
+        pos = torch.tensor(positions, dtype=torch.long)
+        cos = self.cos[pos].unsqueeze(1)
+        sin = self.sin[pos].unsqueeze(1)
+        qkv, rot, attn, gu, tmp = bufs.qkv, bufs.rot, bufs.attn, bufs.gu, bufs.o
+        qk = qkv[:, : hdim + kvd].view(B, H + KVH, hd)
+        for i, L in enumerate(self.layers):
+            L.qkv(self._norm(x, L.attn_norm), qkv)
+            self._rope(qk, rot, cos, sin)
+            for b in range(B):
+                p, s = positions[b], slots[b]
+                row = qkv[b]
+                cache.write(i, s, p, row[hdim : hdim + kvd].view(KVH, 1, hd), row[hdim + kvd :].view(KVH, 1, hd))
+                k, v = cache.read(i, s, p + 1)
+                q = row[:hdim].view(1, KVH, rep, hd)  # the rep query heads of a KV head act as rep "queries"
+                a = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0))
+                attn[b].copy_(a.reshape(hdim))
+            a = attn if L.attn_sub_norm is None else rms_norm(attn, L.attn_sub_norm, self.eps)
+            x += L.o(a, tmp)
+            x += self._mlp(L, self._norm(x, L.ffn_norm), gu, tmp)
+        return self.head.logits(rms_norm(x, self.final_norm, self.eps), bufs.logits)

@@ -1,0 +1,117 @@
+"""Engine vs the reference path (frozen Transformer): logits, greedy tokens, KV-cache options, loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bittern.configs import get_config
+from bittern.engine import Engine, EngineModel
+from bittern.engine.create import create_random_model
+from bittern.generate import generate_ids
+from bittern.model import Transformer
+from bittern.modelfile import load_packed, save_packed
+from bittern.sampling import SamplingParams
+
+
+def _frozen(name: str, seed: int = 0, layout: str = "2bit") -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(get_config(name))
+    with torch.no_grad():  # give norms non-trivial gains so they matter
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model.freeze(layout).requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-2b4t", "tiny-faq"])
+def test_prefill_logits_equal_reference(name: str) -> None:
+    model = _frozen(name)
+    engine = Engine(EngineModel.from_transformer(model, head="f32"), kv_dtype="f32")
+    ids = torch.randint(0, 512, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = model(torch.tensor([ids]))[0]
+    got = engine.logits(ids)
+    assert got.shape == ref.shape
+    assert ref.abs().max() > 0.05
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-2b4t", "tiny-faq"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_decode_steps_equal_reference(name: str, fast: bool) -> None:
+    model = _frozen(name, seed=2)
+    em = EngineModel.from_transformer(model, head="f32")
+    em.use_fast_path = fast and em.use_fast_path
+    ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = model(torch.tensor([ids]))[0]
+    cache = em.new_cache(1, 64, "f32")
+    first = em.prefill(ids[:12], cache)
+    torch.testing.assert_close(first[0], ref[11], atol=1e-4, rtol=1e-4)
+    for p in range(12, 30):
+        logits = em.decode([ids[p]], cache, [0], [p])
+        torch.testing.assert_close(logits[0], ref[p], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-2b4t"])
+def test_greedy_tokens_identical_to_reference(name: str) -> None:
+    model = _frozen(name, seed=4)
+    engine = Engine(EngineModel.from_transformer(model, head="f32"), kv_dtype="f32")
+    prompt = [5, 17, 42, 7, 300, 12]
+    params = SamplingParams(max_tokens=24)
+    ref = list(generate_ids(model, prompt, params))
+    got = list(engine.generate_ids(prompt, params))
+    assert len(ref) == 24 and got == ref
+    assert len(set(ref)) > 1  # not a degenerate constant stream
+
+
+@pytest.mark.parametrize("kv", ["f16", "bf16", "int8"])
+def test_compact_kv_cache_stays_close(kv: str) -> None:
+    model = _frozen("tiny-2b4t", seed=5)
+    em = EngineModel.from_transformer(model, head="f32")
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    ref = model(torch.tensor([ids]))[0]
+    cache = em.new_cache(1, 64, kv)
+    em.prefill(ids[:20], cache)
+    errs = []
+    for p in range(20, 40):
+        errs.append(float((em.decode([ids[p]], cache, [0], [p])[0] - ref[p]).abs().max()))
+    scale = float(ref.abs().max())
+    assert max(errs) < 0.1 * scale  # a compact cache perturbs the logits only slightly...
+    assert max(errs) > 0 or kv != "int8"  # ...and int8 storage really is lossy
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_compact_head_close_to_float(fmt: str) -> None:
+    model = _frozen("tiny-2b4t", seed=7)
+    ids = list(range(3, 40))
+    exact = Engine(EngineModel.from_transformer(model, head="f32"), kv_dtype="f32").logits(ids)
+    compact = Engine(EngineModel.from_transformer(model, head=fmt), kv_dtype="f32")
+    got = compact.logits(ids)
+    assert compact.model.head.nbytes < EngineModel.from_transformer(model, head="f32").head.nbytes
+    err = (got - exact).abs().max()
+    assert 0 < err < 0.06 * exact.abs().max()  # tied: the table is the embedding too
+    assert (got.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("layout", ["2bit", "1.6bit", "2bit-r4", "1.6bit-r4"])
+def test_load_from_directory_equals_load_packed(tmp_path, layout: str) -> None:
+    model = _frozen("tiny", seed=8)
+    d = save_packed(model, tmp_path / "m", layout=layout, dtype="float32")
+    ref = load_packed(d)
+    engine = Engine(EngineModel.load(d, head="f32"), kv_dtype="f32")
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    torch.testing.assert_close(engine.logits(ids), ref(torch.tensor([ids]))[0], atol=1e-4, rtol=1e-4)
+
+
+def test_create_random_model_streams_a_loadable_file(tmp_path) -> None:
+    cfg = get_config("tiny-2b4t")
+    d = create_random_model(tmp_path / "r", cfg, layout="1.6bit-r4", seed=3)
+    ref = load_packed(d)
+    engine = Engine(EngineModel.load(d, head="f32"), kv_dtype="f32")
+    ids = [9, 8, 7, 6, 5]
+    out = engine.logits(ids)
+    assert out.std() > 0
+    torch.testing.assert_close(out, ref(torch.tensor([ids]))[0], atol=1e-4, rtol=1e-4)
+    # another seed gives other weights
+    d2 = create_random_model(tmp_path / "r2", cfg, layout="1.6bit-r4", seed=4)
+    assert not torch.equal(Engine(EngineModel.load(d2, head="f32")).logits(ids), out)

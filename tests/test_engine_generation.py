@@ -1,0 +1,190 @@
+"""Engine generation: seeded sampling, streaming, stop strings, batching, the BatchGenerator interface, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bittern.cli import main
+from bittern.configs import get_config
+from bittern.demo import demo_text
+from bittern.engine import Engine, EngineModel
+from bittern.model import Transformer
+from bittern.modelfile import save_packed
+from bittern.sampling import SamplingParams
+from bittern.tokenizer import train_bpe
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny packed model with a BPE tokenizer of its vocabulary size."""
+    d = tmp_path_factory.mktemp("engine_model")
+    text = demo_text()[:60_000]
+    tok = train_bpe([text[i : i + 2000] for i in range(0, len(text), 2000)], vocab_size=512)
+    tok_file = tok.save(d / "tok")
+    torch.manual_seed(0)
+    cfg = get_config("tiny-2b4t").replace(vocab_size=tok.vocab_size)
+    model = Transformer(cfg).freeze("1.6bit")
+    save_packed(model, d / "model", layout="1.6bit", tokenizer_file=tok_file)
+    return d / "model"
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine.load(model_dir, head="f32", kv_dtype="f32")
+
+
+def test_seeded_sampling_is_reproducible(engine) -> None:
+    p = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.1, seed=123, max_tokens=30)
+    a = list(engine.generate_ids("To be", p))
+    b = list(engine.generate_ids("To be", p))
+    c = list(engine.generate_ids("To be", SamplingParams(**{**p.__dict__, "seed": 124})))
+    assert a == b and len(a) == 30
+    assert a != c
+
+
+def test_stream_concatenates_to_generate(engine) -> None:
+    p = SamplingParams(temperature=0.8, seed=5, max_tokens=25)
+    pieces = list(engine.stream("ROMEO:", p))
+    result = engine.generate("ROMEO:", p)
+    assert "".join(pieces) == result.text
+    assert len(result.token_ids) == 25 and result.finish_reason == "length"
+    assert result.stats.prompt_tokens > 0 and result.stats.generated_tokens == 25
+
+
+def test_stop_string_cuts_text(engine) -> None:
+    p = SamplingParams(temperature=0.0, max_tokens=40)
+    full = engine.generate("the", p).text
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = engine.generate("the", SamplingParams(temperature=0.0, max_tokens=40, stop=[stop]))
+    assert cut.text == full[: full.find(stop)]
+    assert cut.finish_reason == "stop"
+    assert "".join(engine.stream("the", SamplingParams(temperature=0.0, max_tokens=40, stop=[stop]))) == cut.text
+
+
+def test_eos_ends_generation(engine) -> None:
+    first = list(engine.generate_ids("the", SamplingParams(temperature=1.0, seed=1, max_tokens=8)))
+    eos = first[3]
+    got = list(engine.generate_ids("the", SamplingParams(temperature=1.0, seed=1, max_tokens=8), eos_ids={eos}))
+    assert got == first[: first.index(eos) + 1] and len(got) < 8
+
+
+def test_batched_generation_equals_one_by_one(engine) -> None:
+    prompts = ["ROMEO:", "To be or not", "KING", "What say you, my lord? I"]
+    params = [SamplingParams(max_tokens=12), SamplingParams(temperature=0.9, seed=3, max_tokens=7),
+              SamplingParams(max_tokens=15, repetition_penalty=1.3), SamplingParams(temperature=1.0, top_k=20, seed=9, max_tokens=10)]
+    batched = engine.generate_batch(prompts, params)
+    single = [engine.generate(pr, pa) for pr, pa in zip(prompts, params)]
+    assert [b.token_ids for b in batched] == [s.token_ids for s in single]
+    assert [len(b.token_ids) for b in batched] == [12, 7, 15, 10]
+
+
+def test_batch_generator_interface(engine) -> None:
+    gen = engine.batch_generator(max_batch=2, max_len=64)
+    ids = engine.encode("ROMEO:")
+    a = gen.add(ids, SamplingParams(max_tokens=6))
+    b = gen.add(ids, SamplingParams(max_tokens=50))
+    assert gen.free_slots == 0 and gen.active == 2
+    with pytest.raises(RuntimeError):
+        gen.add(ids, SamplingParams())
+    tokens = {a: [], b: []}
+    for _ in range(3):
+        for o in gen.step():
+            tokens[o.request_id].append(o.token)
+    gen.cancel(b)
+    assert gen.active == 1 and gen.free_slots == 1
+    while gen.active:
+        for o in gen.step():
+            tokens[o.request_id].append(o.token)
+    assert tokens[a] == list(engine.generate_ids(ids, SamplingParams(max_tokens=6), eos_ids=set()))
+    assert len(tokens[b]) == 3
+
+
+def test_bad_inputs_raise_clear_errors(engine) -> None:
+    from bittern.errors import UsageError
+
+    with pytest.raises(UsageError, match="context"):
+        list(engine.generate_ids(list(range(1, 300)), SamplingParams()))
+    with pytest.raises(UsageError, match="max_tokens"):
+        list(engine.generate_ids("hi", SamplingParams(max_tokens=0)))
+    with pytest.raises(UsageError, match="UTF-8"):
+        engine.encode("bad \udcff byte")
+    with pytest.raises(UsageError, match="vocabulary"):
+        engine.encode([1, 99999])
+
+
+def test_perplexity_is_finite_and_consistent(engine) -> None:
+    ids = engine.encode(demo_text()[:1500])
+    ppl = engine.perplexity(ids, window=64)
+    assert 1.0 < ppl < 2 * engine.model.config.vocab_size
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_streams_and_reports(model_dir, capsys) -> None:
+    rc = main(["generate", "--model", str(model_dir), "ROMEO:", "--max-tokens", "8", "--threads", "1", "--seed", "1",
+               "--temperature", "0.7", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.05", "--repeat-penalty", "1.1",
+               "--stop", "zzzz"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert out.startswith("ROMEO:") and len(out) > len("ROMEO:\n")
+    assert "tok/s" in err and "peak RSS" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/nonexistent/model", "hi"], "no such model directory"),
+    (["generate", "MODEL", "hi", "--max-tokens", "0"], "--max-tokens must be a positive"),
+    (["generate", "MODEL", "hi", "--max-tokens", "-3"], "--max-tokens must be a positive"),
+    (["generate", "MODEL", "bad \udcff prompt"], "not valid UTF-8"),
+    (["generate", "MODEL", "LONG"], "context"),
+    (["generate", "MODEL", "hi", "--top-p", "0"], "top_p"),
+])
+def test_cli_bad_input_one_line_error(model_dir, capsys, argv, message) -> None:
+    argv = [str(model_dir) if a == "MODEL" else a for a in argv]
+    if argv[1] == str(model_dir):
+        argv = ["generate", "--model", *argv[1:]]
+    argv = ["the " * 400 if a == "LONG" else a for a in argv]
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "the the" not in out  # nothing generated or echoed
+
+
+def test_cli_model_create_and_generate_ids(tmp_path, capsys) -> None:
+    out_dir = tmp_path / "rand"
+    assert main(["model", "create", "--config", "tiny", "--random", str(out_dir), "--layout", "2bit-r4"]) == 0
+    meta = json.loads((out_dir / "config.json").read_text())
+    assert meta["layout"] == "2bit-r4" and meta["model"]["name"] == "tiny"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out_dir), "1,2,3", "--max-tokens", "5", "--head", "f32"]) == 0
+    out, _ = capsys.readouterr()
+    assert len(out.split()) == 5 and all(0 <= int(t) < 512 for t in out.split())
+    assert main(["model", "create", "--config", "nope", "--random", str(tmp_path / "x")]) == 2
+    assert "unknown config" in capsys.readouterr().err
+
+
+def test_cli_chat_reset_and_history(model_dir, capsys, monkeypatch) -> None:
+    lines = iter(["hello there", "/reset", "and again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    rc = main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "history cleared" in err
+    assert err.count("[prefill") == 2
+
+
+def test_cli_without_model_uses_default_or_says_so(model_dir, capsys, monkeypatch) -> None:
+    import bittern.train as train
+
+    monkeypatch.setattr(train, "default_model_path", lambda: None)
+    assert main(["generate", "hi"]) == 2
+    assert "no model given" in capsys.readouterr().err
+    monkeypatch.setattr(train, "default_model_path", lambda: model_dir)
+    assert main(["generate", "ROMEO:", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
