@@ -19,6 +19,24 @@ from .model import KVCache, Transformer
 from .sampling import SamplingParams, make_generator, sample_next
 
 
+class SeenTokens:
+    """Token ids a sequence has seen (for the repetition penalty), grown without per-token reallocation."""
+
+    def __init__(self, prompt: list[int], capacity: int) -> None:
+        self.buf = torch.empty(1, len(prompt) + capacity, dtype=torch.long)
+        self.buf[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        self.n = len(prompt)
+
+    def add(self, token: int) -> None:
+        """Append one id."""
+        self.buf[0, self.n] = token
+        self.n += 1
+
+    def view(self) -> torch.Tensor:
+        """The ids so far, ``[1, n]``."""
+        return self.buf[:, : self.n]
+
+
 @dataclass
 class Request:
     """One sequence being generated."""
@@ -54,11 +72,25 @@ class BatchGenerator:
         self.model = model
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
-        device = model.embed_tokens.weight.device
-        self.cache = KVCache(model.config, max_batch, self.max_len, device=device)
+        self.cache = self._new_cache()
         self.requests: dict[int, Request] = {}
         self._free = list(range(max_batch))
         self._ids = itertools.count()
+        self._seen: dict[int, SeenTokens] = {}
+
+    # -- the three model-specific hooks (a faster engine overrides these) --------------------------
+
+    def _new_cache(self) -> Any:
+        return KVCache(self.model.config, self.max_batch, self.max_len, device=self.model.embed_tokens.weight.device)
+
+    def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
+        tokens = torch.tensor([prompt], dtype=torch.long, device=self.cache.k.device)
+        return self.model(tokens, self.cache, 0, torch.tensor([slot]))[:, -1]
+
+    def _decode(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+        logits = self.model(torch.tensor(tokens, dtype=torch.long).view(-1, 1), self.cache,
+                            torch.tensor(positions, dtype=torch.long), torch.tensor(slots, dtype=torch.long))
+        return logits[:, -1]
 
     @property
     def free_slots(self) -> int:
@@ -83,22 +115,19 @@ class BatchGenerator:
         slot = self._free.pop(0)
         request = Request(next(self._ids), slot, list(prompt), params, set(eos_ids or ()), make_generator(params.seed),
                           user_data=user_data)
-        tokens = torch.tensor([prompt], dtype=torch.long, device=self.cache.k.device)
-        logits = self.model(tokens, self.cache, 0, torch.tensor([slot]))
+        request.next_logits = self._prefill(request.prompt, slot).clone()
         request.position = len(prompt)
-        request.next_logits = logits[:, -1]
+        if params.repetition_penalty != 1.0:
+            self._seen[request.id] = SeenTokens(request.prompt, params.max_tokens)
         self.requests[request.id] = request
         return request.id
 
     def cancel(self, request_id: int) -> None:
         """Stop a request now and free its slot (unknown ids are ignored)."""
         request = self.requests.pop(request_id, None)
+        self._seen.pop(request_id, None)
         if request is not None:
             self._free.append(request.slot)
-
-    def _sample(self, request: Request, logits: torch.Tensor) -> int:
-        seen = torch.tensor([request.prompt + request.generated], dtype=torch.long) if request.params.repetition_penalty != 1.0 else None
-        return int(sample_next(logits, request.params, request.generator, seen)[0])
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
@@ -106,14 +135,16 @@ class BatchGenerator:
         outputs: list[StepOutput] = []
         continuing: list[Request] = []
         for request in list(self.requests.values()):
-            token = self._sample(request, request.next_logits)
+            seen = self._seen.get(request.id)
+            token = int(sample_next(request.next_logits, request.params, request.generator,
+                                    seen.view() if seen is not None else None)[0])
             request.generated.append(token)
+            if seen is not None:
+                seen.add(token)
             reason = None
             if token in request.eos_ids:
                 reason = "stop"
-            elif len(request.generated) >= request.params.max_tokens:
-                reason = "length"
-            elif request.position + 1 >= self.max_len:
+            elif len(request.generated) >= request.params.max_tokens or request.position + 1 >= self.max_len:
                 reason = "length"
             if reason:
                 request.finished, request.finish_reason = True, reason
@@ -122,11 +153,9 @@ class BatchGenerator:
                 continuing.append(request)
             outputs.append(StepOutput(request.id, token, reason is not None, reason))
         if continuing:
-            tokens = torch.tensor([[r.generated[-1]] for r in continuing], dtype=torch.long)
-            positions = torch.tensor([r.position for r in continuing], dtype=torch.long)
-            slots = torch.tensor([r.slot for r in continuing], dtype=torch.long)
-            logits = self.model(tokens, self.cache, positions, slots)[:, -1]
+            logits = self._decode([r.generated[-1] for r in continuing], [r.slot for r in continuing],
+                                  [r.position for r in continuing])
             for i, r in enumerate(continuing):
-                r.next_logits = logits[i : i + 1]
+                r.next_logits = logits[i : i + 1].clone()
                 r.position += 1
         return outputs

@@ -9,7 +9,6 @@ server can run on the engine.
 
 from __future__ import annotations
 
-import itertools
 import os
 import resource
 import time
@@ -18,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..batching import Request, StepOutput
+from ..batching import BatchGenerator, SeenTokens
 from ..errors import UsageError
 from ..sampling import SamplingParams, make_generator, sample_next
 from .kvcache import EngineKVCache
@@ -80,22 +79,6 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-class _Seen:
-    """Token ids seen by a sequence (for the repetition penalty), grown without reallocating per token."""
-
-    def __init__(self, prompt: list[int], capacity: int) -> None:
-        self.buf = torch.empty(1, len(prompt) + capacity, dtype=torch.long)
-        self.buf[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        self.n = len(prompt)
-
-    def add(self, token: int) -> None:
-        self.buf[0, self.n] = token
-        self.n += 1
-
-    def view(self) -> torch.Tensor:
-        return self.buf[:, : self.n]
 
 
 class _TextStream:
@@ -247,7 +230,7 @@ class Engine:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         generator = make_generator(params.seed)
         penalty = params.repetition_penalty != 1.0
-        seen = _Seen(ids, params.max_tokens) if penalty else None
+        seen = SeenTokens(ids, params.max_tokens) if penalty else None
         t0 = time.perf_counter()
         logits = self.model.prefill(ids, cache, 0, 0)
         stats.prefill_seconds = time.perf_counter() - t0
@@ -378,82 +361,18 @@ class Engine:
         return float(torch.exp(torch.tensor(total / count)))
 
 
-class EngineBatchGenerator:
-    """Continuous batching on the engine, with :class:`bittern.batching.BatchGenerator`'s interface."""
+class EngineBatchGenerator(BatchGenerator):
+    """Continuous batching on the engine: :class:`bittern.batching.BatchGenerator` over the engine's model."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None) -> None:
         self.engine = engine
-        self.model = engine.model
-        self.max_batch = max_batch
-        self.max_len = min(max_len or self.model.config.max_seq_len, self.model.config.max_seq_len)
-        self.cache = self.model.new_cache(max_batch, self.max_len, engine.kv_dtype)
-        self.requests: dict[int, Request] = {}
-        self._free = list(range(max_batch))
-        self._ids = itertools.count()
-        self._seen: dict[int, _Seen] = {}
+        super().__init__(engine.model, max_batch, max_len)
 
-    @property
-    def free_slots(self) -> int:
-        """How many more requests can join now."""
-        return len(self._free)
+    def _new_cache(self) -> Any:
+        return self.model.new_cache(self.max_batch, self.max_len, self.engine.kv_dtype)
 
-    @property
-    def active(self) -> int:
-        """Requests currently generating."""
-        return len(self.requests)
+    def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
+        return self.model.prefill(prompt, self.cache, slot, 0)
 
-    def add(self, prompt: list[int], params: SamplingParams, eos_ids: set[int] | None = None, user_data: Any = None) -> int:
-        """Prefill ``prompt`` into a free slot and return the new request's id."""
-        params.validate()
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) >= self.max_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.max_len}")
-        if not self._free:
-            raise RuntimeError("no free slot: wait for a request to finish")
-        slot = self._free.pop(0)
-        request = Request(next(self._ids), slot, list(prompt), params, set(eos_ids or ()), make_generator(params.seed),
-                          user_data=user_data)
-        request.next_logits = self.model.prefill(prompt, self.cache, slot, 0).clone()
-        request.position = len(prompt)
-        if params.repetition_penalty != 1.0:
-            self._seen[request.id] = _Seen(request.prompt, params.max_tokens)
-        self.requests[request.id] = request
-        return request.id
-
-    def cancel(self, request_id: int) -> None:
-        """Stop a request now and free its slot (unknown ids are ignored)."""
-        request = self.requests.pop(request_id, None)
-        self._seen.pop(request_id, None)
-        if request is not None:
-            self._free.append(request.slot)
-
-    def step(self) -> list[StepOutput]:
-        """Sample one token for every active request, then one batched decode step for those continuing."""
-        outputs: list[StepOutput] = []
-        continuing: list[Request] = []
-        for request in list(self.requests.values()):
-            seen = self._seen.get(request.id)
-            token = int(sample_next(request.next_logits, request.params, request.generator,
-                                    seen.view() if seen else None)[0])
-            request.generated.append(token)
-            if seen is not None:
-                seen.add(token)
-            reason = None
-            if token in request.eos_ids:
-                reason = "stop"
-            elif len(request.generated) >= request.params.max_tokens or request.position + 1 >= self.max_len:
-                reason = "length"
-            if reason:
-                request.finished, request.finish_reason = True, reason
-                self.cancel(request.id)
-            else:
-                continuing.append(request)
-            outputs.append(StepOutput(request.id, token, reason is not None, reason))
-        if continuing:
-            logits = self.model.decode([r.generated[-1] for r in continuing], self.cache,
-                                       [r.slot for r in continuing], [r.position for r in continuing])
-            for i, r in enumerate(continuing):
-                r.next_logits = logits[i : i + 1].clone()
-                r.position += 1
-        return outputs
+    def _decode(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+        return self.model.decode(tokens, self.cache, slots, positions)
