@@ -93,6 +93,18 @@ def train_model(config: ModelConfig, train: torch.Tensor, val: torch.Tensor, ste
     return model.eval(), result
 
 
+def idle_threads() -> int:
+    """Threads to train with: the cores not already busy (OpenMP slows ~10x when oversubscribed)."""
+    import os
+
+    cores = torch.get_num_threads()
+    try:
+        busy = int(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(cores, (os.cpu_count() or cores) - busy))
+
+
 def resident_weight_bytes(model: Transformer) -> int:
     """Bytes held by the model's parameters and buffers (shared tensors counted once)."""
     seen, total = set(), 0
@@ -107,7 +119,7 @@ def resident_weight_bytes(model: Transformer) -> int:
 def run_demo(out_dir: str | Path = "runs/demo", steps: int = 300, max_seconds: float = 45.0, layout: str = "2bit",
              prompt: str = "ROMEO:", max_tokens: int = 60, seed: int = 0) -> dict:
     """Run the whole demo and return the measured figures (also writes the packed model to ``out_dir``)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(idle_threads())
     out_dir = Path(out_dir)
     text = demo_text()
     split = int(len(text) * 0.9)
