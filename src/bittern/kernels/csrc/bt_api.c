@@ -302,7 +302,7 @@ int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, co
         if (j.chunk < 1) j.chunk = 1;
     } else {
         /* one work item per panel of decoded rows (a multiple of the 4-row group); one K chunk of the
-         * panel (at most 3072 columns, see the AVX2 GEMM) should fit in L2 */
+         * panel (at most BT_KC_BYTES columns, see the AVX2 GEMM) should fit in L2 */
         int64_t pr = g_panel_bytes / (Kp < BT_KC_BYTES ? Kp : BT_KC_BYTES) / BT_GROUP * BT_GROUP;
         int64_t fair = (N + n - 1) / n; /* small N: still give every thread a panel */
         fair = (fair + BT_GROUP - 1) / BT_GROUP * BT_GROUP;
