@@ -189,7 +189,7 @@ def _bench_shape(
         if xt is not None:
             qg, sg, rsg = nat.quantize_activations(xt)
             outg = torch.empty(gemm_tokens, n)
-            tg = _best(nat.bench_calls([w], qg, sg, rsg, outg, mode="gemm", rounds=max(2, reps // 2), cpu_clock=cpu_clock))
+            tg = _best(nat.bench_calls([w], qg, sg, rsg, outg, mode="gemm", rounds=reps, cpu_clock=cpu_clock))
             row.update(
                 {
                     "gemm_tokens": gemm_tokens,
