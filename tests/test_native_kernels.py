@@ -433,5 +433,6 @@ def test_neon_builds_and_matches_scalar_under_qemu(tmp_path, march):
     assert res.returncode == 0, res.stderr
     if QEMU is None or not os.path.isdir(ARM_SYSROOT):
         pytest.skip("compiled for AArch64; qemu-aarch64 or the arm64 sysroot is missing, so not run")
-    res = subprocess.run([QEMU, "-cpu", "max", "-L", ARM_SYSROOT, str(exe)], capture_output=True, text=True, timeout=300)
+    cmd = [QEMU, "-cpu", "max", "-L", ARM_SYSROOT, str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.split() == ["neon", "equal"], res.stdout + res.stderr

@@ -145,7 +145,9 @@ def _bench_shape(
                 torch_t[name] = _time_torch(lambda i: F.linear(xx, ws[i]), nc, reps, cpu_clock)
                 if xt is not None:
                     xg = xt.to(dtype)
-                    torch_t[name + "_gemm"] = _time_torch(lambda i: F.linear(xg, ws[0]), 1, max(2, reps // 2), cpu_clock)
+                    torch_t[name + "_gemm"] = _time_torch(
+                        lambda i: F.linear(xg, ws[0]), 1, max(2, reps // 2), cpu_clock
+                    )
             del ws
 
     for layout in formats:
@@ -327,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry (``python bench/kernels.py`` / ``python -m bittern.bench_kernels``)."""
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="2B4T,3B,7B,70B", help="comma list of " + ",".join(MODELS))
     p.add_argument("--threads", default="1,2", help="comma list of thread counts")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma list of " + ",".join(FORMATS))

@@ -109,7 +109,8 @@ def _load() -> ctypes.CDLL | None:
         "bt_threading_name": (ctypes.c_char_p, []),
         "bt_bench": (
             i32,
-            [i32, i32, i32, vp, i32, i64, i64, vp, i64, vp, vp, i64, f32, vp, i64, i64, i32, ctypes.POINTER(ctypes.c_double)],
+            [i32, i32, i32, vp, i32, i64, i64, vp, i64, vp, vp, i64, f32, vp, i64, i64, i32,
+             ctypes.POINTER(ctypes.c_double)],
         ),
     }
     try:
@@ -256,7 +257,8 @@ def quantize_activations(
         q, s, rowsum = out
         if q.dtype != torch.int8 or q.shape[0] < T or q.shape[1] < padded_k(K) or q.stride(1) != 1:
             raise ValueError(f"q buffer must be int8 [>= {T}, >= {padded_k(K)}] with unit column stride")
-        if s.dtype != torch.float32 or rowsum.dtype != torch.int32 or not s.is_contiguous() or not rowsum.is_contiguous():
+        if (s.dtype != torch.float32 or rowsum.dtype != torch.int32
+                or not s.is_contiguous() or not rowsum.is_contiguous()):
             raise ValueError("s must be contiguous float32 and rowsum contiguous int32")
         if s.numel() < T or rowsum.numel() < T:
             raise ValueError(f"s and rowsum need at least {T} entries")
@@ -288,7 +290,10 @@ class _WeightMeta:
         self.N, self.K = int(weight.out_features), int(weight.in_features)
         self.Kp = int(lib.bt_padded_k(self.fmt, self.K))
         if packed.numel() != self.N * get_layout(weight.layout).packed_cols(self.K):
-            raise ValueError(f"packed weight has {packed.numel()} bytes, expected {self.N}x{self.Kp} in {weight.layout}")
+            raise ValueError(
+                f"packed weight has {packed.numel()} bytes; {weight.layout} needs"
+                f" {self.N} x {get_layout(weight.layout).packed_cols(self.K)}"
+            )
         self.packed = packed
         self.gamma = float(weight.scale)
         self.ptr = packed.data_ptr()
@@ -350,7 +355,9 @@ def _matmul(
         if s is None or s.dtype != torch.float32 or not s.is_cpu or not s.is_contiguous() or s.numel() < T:
             raise ValueError("s must be a contiguous float32 CPU tensor with one entry per token")
         yp, yip, sp, gamma = out.data_ptr(), None, s.data_ptr(), m.gamma
-    rc = lib.bt_matmul_mode(mode, m.fmt, m.ptr, m.N, m.K, q.data_ptr(), ldq, rowsum.data_ptr(), sp, T, gamma, yp, yip, ldy)
+    rc = lib.bt_matmul_mode(
+        mode, m.fmt, m.ptr, m.N, m.K, q.data_ptr(), ldq, rowsum.data_ptr(), sp, T, gamma, yp, yip, ldy
+    )
     if rc != 0:
         raise RuntimeError(f"bt_matmul failed ({rc})")
     return out
@@ -370,7 +377,10 @@ def matmul(
 def gemv(
     q: torch.Tensor, s: torch.Tensor, rowsum: torch.Tensor, weight: TernaryWeight, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Decode product: the weight-streaming GEMV (2-4 tokens share each decoded weight vector); same result as :func:`matmul`."""
+    """Decode product: the weight-streaming GEMV (2-4 tokens share each decoded weight vector).
+
+    Same result as :func:`matmul`, for any number of tokens.
+    """
     return _matmul(1, q, s, rowsum, weight, out)
 
 
@@ -421,7 +431,8 @@ def bench_calls(
     times = (ctypes.c_double * rounds)()
     T = q.shape[0]
     rc = lib.bt_bench(
-        (1 if read else 0) | (2 if cpu_clock else 0), {"auto": 0, "gemv": 1, "gemm": 2}[mode], m.fmt, ptrs, len(metas), m.N, m.K,
+        (1 if read else 0) | (2 if cpu_clock else 0), {"auto": 0, "gemv": 1, "gemm": 2}[mode], m.fmt,
+        ptrs, len(metas), m.N, m.K,
         q.data_ptr(), q.stride(0), rowsum.data_ptr(), s.data_ptr(), T, m.gamma, out.data_ptr(), out.stride(0),
         int(prefetch_bytes), rounds, times,
     )
@@ -446,7 +457,7 @@ class NativeBackend:
             return False
 
     def prepare(self, weight: TernaryWeight) -> TernaryWeight:
-        """The weight in the native layout for its format (``"2bit"`` -> ``"2bit-r4"``, ``"1.6bit"`` -> ``"1.6bit-r4"``)."""
+        """The weight in its format's native layout (``"2bit"`` -> ``"2bit-r4"``, ``"1.6bit"`` -> ``"1.6bit-r4"``)."""
         if weight.layout in FORMATS:
             return weight
         cached = weight.__dict__.get("_native_prepared")
