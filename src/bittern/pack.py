@@ -160,19 +160,12 @@ class TernaryWeight:
 
 
 def pack_2bit_k64(codes: torch.Tensor) -> torch.Tensor:
-    """Pack int8 ternary codes ``[out, in]`` into the ``"2bit-k64"`` (Triton) layout."""
+    """Pack int8 ternary codes ``[out, in]`` into the ``"2bit-k64"`` (Triton) layout: "2bit" padded to 64 columns."""
     _check_codes(codes)
-    out = codes.shape[0]
-    stored = (_pad_cols(codes.to(torch.int16), 64) + 1).reshape(out, -1, 4)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16, device=codes.device)
-    return (stored << shifts).sum(dim=-1).to(torch.uint8)
+    return pack_2bit(_pad_cols(codes, 64))
 
 
-def unpack_2bit_k64(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Unpack a ``"2bit-k64"`` tensor back to int8 codes ``[out, in_features]``."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16, device=packed.device)
-    fields = (packed.to(torch.int16).unsqueeze(-1) >> shifts) & 3
-    return (fields.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
+unpack_2bit_k64 = unpack_2bit  # the same bytes as "2bit"; only the row padding differs
 
 
 LAYOUTS["2bit-k64"] = Layout("2bit-k64", 2.0, pack_2bit_k64, unpack_2bit_k64, lambda n: 16 * ((n + 63) // 64))
