@@ -202,7 +202,7 @@ def quality(model_dir: str, text_chars: int = 40_000, window: int | None = None)
     base = Engine.load(model_dir, head="f32", kv_dtype="f32")
     ids = base.encode(text)
     out["tokens"] = len(ids)
-    for head in ("f32", "bf16", "int8"):
+    for head in ("f32", "bf16", "int8", "int6"):
         e = base if head == "f32" else Engine.load(model_dir, head=head, kv_dtype="f32")
         out["head"][head] = {"ppl": e.perplexity(ids, window), "head_bytes": e.model.head.nbytes}
     for kv in ("f16", "bf16", "int8"):
@@ -232,7 +232,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/bittern-bench", help="where random models are created")
     ap.add_argument("--config", default="2B4T")
     ap.add_argument("--layouts", default="1.6bit-r4", help="comma-separated packed layouts to measure")
-    ap.add_argument("--heads", default="int8", help="comma-separated LM-head formats to measure")
+    ap.add_argument("--heads", default="auto", help="comma-separated LM-head formats to measure (auto = int6 at 2B4T)")
     ap.add_argument("--kv", default="f16")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt", type=int, default=64)

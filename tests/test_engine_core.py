@@ -80,7 +80,7 @@ def test_compact_kv_cache_stays_close(kv: str) -> None:
     assert max(errs) > 0 or kv != "int8"  # ...and int8 storage really is lossy
 
 
-@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+@pytest.mark.parametrize("fmt", ["int8", "int6", "bf16"])
 def test_compact_head_close_to_float(fmt: str) -> None:
     model = _frozen("tiny-2b4t", seed=7)
     ids = list(range(3, 40))

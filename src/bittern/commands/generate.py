@@ -12,8 +12,9 @@ from ..errors import UsageError
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="packed model directory (default: the model shipped with bittern, if any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--head", default="int8", choices=["int8", "bf16", "f16", "f32"],
-                   help="LM head / tied embedding precision in memory (default: int8, per-row scales)")
+    p.add_argument("--head", default="auto", choices=["auto", "int8", "int6", "bf16", "f16", "f32"],
+                   help="LM head / tied embedding precision in memory (default auto: int6 with per-row scales "
+                        "when the hidden size is a multiple of 128, else int8)")
     p.add_argument("--kv", default="f16", choices=["f16", "bf16", "f32", "int8"], help="KV-cache precision (default: f16)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 = greedy")

@@ -42,11 +42,6 @@ def set_threads(n: int | None) -> int:
             native.set_threads(n)
     except ImportError:
         pass
-    from .headkernel import load_head_kernel
-
-    k = load_head_kernel()
-    if k is not None:
-        k.threads = n
     return n
 
 
@@ -136,7 +131,7 @@ class Engine:
         self._cache: EngineKVCache | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, head: str = "int8", kv_dtype: str = "f16", threads: int | None = None,
+    def load(cls, path: str | os.PathLike, head: str = "auto", kv_dtype: str = "f16", threads: int | None = None,
              backend: str | None = None) -> "Engine":
         """Open a packed model directory (memory-mapped) with its tokenizer when it has one."""
         from pathlib import Path

@@ -55,7 +55,7 @@ import torch
 
 from ..pack import TernaryWeight, get_layout
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 FORMATS = {"2bit-r4": 0, "1.6bit-r4": 1}
 """Native layouts and their format ids in the C API."""
 NATIVE_LAYOUT = {"2bit": "2bit-r4", "2bit-r4": "2bit-r4", "1.6bit": "1.6bit-r4", "1.6bit-r4": "1.6bit-r4"}

@@ -89,6 +89,38 @@ BT_API int bt_bench(int what, int mode, int fmt, const uint8_t *const *ws, int n
 /* Threading backend name: "pthread-pool" or "openmp". */
 BT_API const char *bt_threading_name(void);
 
+/* ---- engine kernels (bt_engine.c): LM head and per-token decode glue ---- */
+
+/* LM-head row formats: int8 codes, or 6-bit codes packed 96 bytes per 128 columns (see bt_engine.c) */
+enum { BT_HEAD_I8 = 0, BT_HEAD_I6 = 1 };
+
+/* Bytes per head row of K columns (-2: unknown format). */
+BT_API int64_t bt_head_row_bytes(int fmt, int64_t K);
+/* Per-row absmax quantisation of src [rows, cols] (dtype BT_DT_*) into codes [rows, row_bytes] and
+ * scales [rows]. release != 0: src is a read-only file mapping whose pages are dropped once read.
+ * Returns -5 if the table holds NaN or Inf. */
+BT_API int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int fmt, uint8_t *codes,
+                            float *scales, int release);
+/* y [T, ldy] = (q @ codes^T) * scale[n] / s[t]; q [T, ldq] from bt_quantize (zero padded to the
+ * format's padded K: K for int8, 128 * ceil(K / 128) for int6). */
+BT_API int bt_head_matmul(int fmt, const uint8_t *w, const float *scale, int64_t N, int64_t K, const int8_t *q,
+                          int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, float *y, int64_t ldy);
+/* Dequantised rows ids[0..n) as float32 out [n, K] (embedding lookups). */
+BT_API int bt_head_rows(int fmt, const uint8_t *w, const float *scale, int64_t rows, int64_t K, const int64_t *ids,
+                        int64_t n, float *out);
+
+/* Decode glue, one call per step (T rows). KV dtypes: 0 float32, 1 float16, 2 bfloat16.
+ * x[t] += delta[t] (if delta); y = rmsnorm(x[t]) * w (if w); (q, s, rowsum) = quant(y) (if q). */
+BT_API int bt_eng_norm_quant(float *x, const float *delta, const float *w, float eps, int64_t T, int64_t K,
+                             float *y_out, int8_t *q, int64_t ldq, float *s, int32_t *rowsum);
+/* gu [T, 2F] = gate | up: gate = act(gate) * up (act 0 silu, 1 relu^2), optional sub-norm, quantise. */
+BT_API int bt_eng_act_quant(float *gu, int64_t T, int64_t F, int act, const float *w, float eps, int8_t *q,
+                            int64_t ldq, float *s, int32_t *rowsum);
+/* One token: RoPE on q and k of qkv [H*hd | KVH*hd | KVH*hd] at pos, store k and v in the layer's cache
+ * planes kc, vc [KVH, max_len, hd], attend over positions 0..pos into out [H*hd]; scores: pos+1 floats. */
+BT_API int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos,
+                         const float *sin, void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,369 @@
+/* The engine's kernels besides the ternary products: the LM head in int8 or 6-bit rows with one float
+ * scale per row, and the per-token decode glue (residual + RMSNorm + int8 quantisation, RoPE + KV store
+ * + grouped-query attention, gated activation + sub-norm + quantisation).
+ *
+ * Head arithmetic (both formats): the activations are quantised per token as for the ternary layers
+ * (bt_quantize: q, s, rowsum), acc = sum_k q[k] * code[n, k] exact in int32, and
+ * y[t, n] = (float)acc * (scale[n] / s[t]).
+ *
+ * Head layouts (row-major, one row per vocabulary entry, rows read front to back):
+ *   BT_HEAD_I8  K bytes per row: int8 codes in [-127, 127], scale = max|w| / 127.
+ *   BT_HEAD_I6  Kp = 128 * ceil(K / 128) columns, 96 bytes per 128-column block; codes in [-31, 31],
+ *               scale = max|w| / 31, stored as v = code + 32 in [1, 63] (padding columns hold 32):
+ *               bytes [0, 32):  low nibble v[j] & 15,      high nibble v[64 + j] & 15
+ *               bytes [32, 64): low nibble v[32 + j] & 15, high nibble v[96 + j] & 15
+ *               bytes [64, 96): bits 2i..2i+1 = v[32 i + j] >> 4, i = 0..3
+ *               (j = 0..31, columns relative to the block). The kernel multiplies v (unsigned) with q
+ *               and subtracts 32 * rowsum.
+ */
+#define _DEFAULT_SOURCE 1 /* madvise, sysconf under -std=c11 */
+#include "bt_internal.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define BT_ENGINE_X86 1
+#endif
+
+enum { BT_KV_F32 = 0, BT_KV_F16 = 1, BT_KV_BF16 = 2 };
+
+/* float32 -> IEEE half, round to nearest even (as _cvtss_sh and torch) */
+static uint16_t bt_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520 rounds to infinity */
+    if (ax < 0x38800000u) {                                    /* below 2^-14: a subnormal half */
+        float v;
+        memcpy(&v, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v * 16777216.0f));
+    }
+    uint32_t h = (((ax >> 23) - 112u) << 10) | ((ax & 0x7fffffu) >> 13);
+    uint32_t rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* float32 -> bfloat16, round to nearest even */
+static uint16_t bt_float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static int use_avx2(void) { return bt_get_isa() == BT_ISA_AVX2; }
+
+/* ------------------------------------------------------------------------------------------------
+ * glue: compiled twice from bt_engine_impl.h
+ */
+
+#include "bt_engine_impl.h"
+#ifdef BT_ENGINE_X86
+#define BT_GLUE_AVX2 1
+#include "bt_engine_impl.h"
+#undef BT_GLUE_AVX2
+#endif
+
+int bt_eng_norm_quant(float *x, const float *delta, const float *w, float eps, int64_t T, int64_t K, float *y_out,
+                      int8_t *q, int64_t ldq, float *s, int32_t *rowsum) {
+#ifdef BT_ENGINE_X86
+    if (use_avx2()) {
+        norm_quant_avx2(x, delta, w, eps, T, K, y_out, q, ldq, s, rowsum);
+        return 0;
+    }
+#endif
+    norm_quant_generic(x, delta, w, eps, T, K, y_out, q, ldq, s, rowsum);
+    return 0;
+}
+
+int bt_eng_act_quant(float *gu, int64_t T, int64_t F, int act, const float *w, float eps, int8_t *q, int64_t ldq,
+                     float *s, int32_t *rowsum) {
+#ifdef BT_ENGINE_X86
+    if (use_avx2()) {
+        act_quant_avx2(gu, T, F, act, w, eps, q, ldq, s, rowsum);
+        return 0;
+    }
+#endif
+    act_quant_generic(gu, T, F, act, w, eps, q, ldq, s, rowsum);
+    return 0;
+}
+
+int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos, const float *sin,
+                  void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores) {
+    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || pos < 0 || pos >= max_len || dt < 0 || dt > 2) return -1;
+#ifdef BT_ENGINE_X86
+    if (use_avx2()) {
+        attend_avx2(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+        return 0;
+    }
+#endif
+    attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * head: layout helpers
+ */
+
+int64_t bt_head_row_bytes(int fmt, int64_t K) {
+    if (K <= 0) return -1;
+    if (fmt == BT_HEAD_I8) return K;
+    if (fmt == BT_HEAD_I6) return (K + 127) / 128 * 96;
+    return -2;
+}
+
+static inline int i6_get(const uint8_t *row, int64_t k) {
+    const uint8_t *blk = row + (k / 128) * 96;
+    int r = (int)(k % 128), i = r / 32, j = r % 32;
+    int lo = i & 1 ? blk[32 + j] : blk[j];
+    lo = i >= 2 ? lo >> 4 : lo & 15;
+    int hi = (blk[64 + j] >> (2 * i)) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+static inline void i6_put(uint8_t *row, int64_t k, int code) {
+    uint8_t *blk = row + (k / 128) * 96;
+    int r = (int)(k % 128), i = r / 32, j = r % 32;
+    int v = code + 32;
+    uint8_t *lo = i & 1 ? blk + 32 + j : blk + j;
+    if (i >= 2)
+        *lo = (uint8_t)((*lo & 0x0f) | ((v & 15) << 4));
+    else
+        *lo = (uint8_t)((*lo & 0xf0) | (v & 15));
+    blk[64 + j] = (uint8_t)((blk[64 + j] & ~(3 << (2 * i))) | ((v >> 4) << (2 * i)));
+}
+
+static inline float load_src(const void *src, int dt, int64_t i) {
+    if (dt == BT_DT_F32) return ((const float *)src)[i];
+    if (dt == BT_DT_BF16) return bt_bf16_to_float(((const uint16_t *)src)[i]);
+    return bt_half_to_float(((const uint16_t *)src)[i]);
+}
+
+int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int fmt, uint8_t *codes, float *scales,
+                     int release) {
+    int64_t rb = bt_head_row_bytes(fmt, cols);
+    if (!src || !codes || !scales || rows <= 0 || rb < 0 || dtype < 0 || dtype > 2) return -1;
+    const float qmax = fmt == BT_HEAD_I8 ? 127.0f : 31.0f;
+    size_t es = dtype == BT_DT_F32 ? 4 : 2;
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t done = ((uintptr_t)src + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)src + (size_t)r * (size_t)cols * es;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < cols; k++) {
+            float a = fabsf(load_src(row, dtype, k));
+            if (!(a <= 3.4028235e38f)) return -5; /* NaN or Inf in the table */
+            amax = a > amax ? a : amax;
+        }
+        if (amax < 1e-8f) amax = 1e-8f;
+        float sc = amax / qmax;
+        uint8_t *out = codes + r * rb;
+        if (fmt == BT_HEAD_I6) memset(out, 0, (size_t)rb);
+        for (int64_t k = 0; k < cols; k++) {
+            float v = nearbyintf(load_src(row, dtype, k) / sc);
+            int c = (int)(v > qmax ? qmax : (v < -qmax ? -qmax : v));
+            if (fmt == BT_HEAD_I8)
+                out[k] = (uint8_t)(int8_t)c;
+            else
+                i6_put(out, k, c);
+        }
+        if (fmt == BT_HEAD_I6)
+            for (int64_t k = cols; k < (cols + 127) / 128 * 128; k++) i6_put(out, k, 0);
+        scales[r] = sc;
+        if (release && (r % 256 == 255 || r == rows - 1)) {
+            uintptr_t end = (uintptr_t)(row + (size_t)cols * es);
+            uintptr_t upto = end & ~(uintptr_t)(page - 1);
+            if (r == rows - 1) upto = end; /* last page: the mapping is private, dropping re-reads the file */
+            if (upto > done) {
+                madvise((void *)done, (size_t)(upto - done), MADV_DONTNEED);
+                done = upto;
+            }
+        }
+    }
+    return 0;
+}
+
+int bt_head_rows(int fmt, const uint8_t *w, const float *scale, int64_t rows, int64_t K, const int64_t *ids, int64_t n,
+                 float *out) {
+    int64_t rb = bt_head_row_bytes(fmt, K);
+    if (!w || !scale || !ids || !out || rb < 0 || n < 0) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= rows) return -3;
+        const uint8_t *row = w + ids[i] * rb;
+        float sc = scale[ids[i]];
+        for (int64_t k = 0; k < K; k++)
+            out[i * K + k] = (float)(fmt == BT_HEAD_I8 ? (int8_t)row[k] : i6_get(row, k)) * sc;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * head: products
+ */
+
+typedef struct {
+    int fmt;
+    const uint8_t *w;
+    const float *scale;
+    int64_t N, K, rb;
+    const int8_t *q;
+    int64_t ldq;
+    const int32_t *rowsum;
+    const float *s;
+    int64_t T;
+    float *y;
+    int64_t ldy;
+    int64_t chunk;
+    _Atomic int64_t next;
+    int avx2;
+} head_job;
+
+static inline void head_store(const head_job *j, int64_t t, int64_t n, int32_t acc) {
+    j->y[t * j->ldy + n] = (float)acc * (j->scale[n] / j->s[t]);
+}
+
+static void head_rows_generic(const head_job *j, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = j->w + n * j->rb;
+        for (int64_t t = 0; t < j->T; t++) {
+            const int8_t *q = j->q + t * j->ldq;
+            int32_t acc = 0;
+            if (j->fmt == BT_HEAD_I8)
+                for (int64_t k = 0; k < j->K; k++) acc += (int32_t)q[k] * (int32_t)(int8_t)row[k];
+            else
+                for (int64_t k = 0; k < j->K; k++) acc += (int32_t)q[k] * i6_get(row, k);
+            head_store(j, t, n, acc);
+        }
+    }
+}
+
+#ifdef BT_ENGINE_X86
+#define AVX2_FN __attribute__((target("avx2,fma,f16c"))) static
+#define AVX2_INL static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+AVX2_INL int32_t hsum_epi32(__m256i a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* int8 rows: |q| (unsigned, up to 128) times w with q's sign: pairs stay within int16 (2*128*127) */
+AVX2_FN void head_i8_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t K = j->K, K32 = K / 32 * 32;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *row = (const int8_t *)(j->w + n * j->rb);
+        for (int64_t t0 = 0; t0 < j->T; t0 += 4) {
+            const int tt = j->T - t0 < 4 ? (int)(j->T - t0) : 4;
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int64_t k = 0; k < K32; k += 32) {
+                _mm_prefetch((const char *)row + k + 2048, _MM_HINT_T0);
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(row + k));
+                for (int t = 0; t < tt; t++) {
+                    const __m256i a = _mm256_loadu_si256((const __m256i *)(j->q + (t0 + t) * j->ldq + k));
+                    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(w, a));
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
+                }
+            }
+            for (int t = 0; t < tt; t++) {
+                const int8_t *q = j->q + (t0 + t) * j->ldq;
+                int32_t s = hsum_epi32(acc[t]);
+                for (int64_t k = K32; k < K; k++) s += (int32_t)q[k] * (int32_t)row[k];
+                head_store(j, t0 + t, n, s);
+            }
+        }
+    }
+}
+
+/* 6-bit rows: v = code + 32 in [1, 63] unsigned times q; a pair is within 2*63*128 = 16128, two
+ * pairs within int16; acc - 32 * rowsum is the product with the codes. */
+AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    const int64_t nb = j->rb / 96;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = j->w + n * j->rb;
+        for (int64_t t0 = 0; t0 < j->T; t0 += 4) {
+            const int tt = j->T - t0 < 4 ? (int)(j->T - t0) : 4;
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *p = row + 96 * b;
+                _mm_prefetch((const char *)p + 2048, _MM_HINT_T0);
+                _mm_prefetch((const char *)p + 2048 + 64, _MM_HINT_T0);
+                const __m256i A = _mm256_loadu_si256((const __m256i *)p);
+                const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 32));
+                const __m256i Hb = _mm256_loadu_si256((const __m256i *)(p + 64));
+                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 4), m30));
+                const __m256i v1 = _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 2), m30));
+                const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(Hb, m30));
+                const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
+                                                   _mm256_and_si256(_mm256_srli_epi16(Hb, 2), m30));
+                for (int t = 0; t < tt; t++) {
+                    const int8_t *qb = j->q + (t0 + t) * j->ldq + 128 * b;
+                    __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i *)qb)),
+                                                  _mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i *)(qb + 32))));
+                    __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(v2, _mm256_loadu_si256((const __m256i *)(qb + 64))),
+                                                  _mm256_maddubs_epi16(v3, _mm256_loadu_si256((const __m256i *)(qb + 96))));
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones)));
+                }
+            }
+            for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - 32 * j->rowsum[t0 + t]);
+        }
+    }
+}
+#endif
+
+static void head_task(void *ctx, int tid, int n) {
+    head_job *j = (head_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    for (;;) {
+        int64_t a = atomic_fetch_add(&j->next, j->chunk);
+        if (a >= j->N) break;
+        int64_t b = a + j->chunk < j->N ? a + j->chunk : j->N;
+#ifdef BT_ENGINE_X86
+        if (j->avx2) {
+            if (j->fmt == BT_HEAD_I8)
+                head_i8_rows_avx2(j, a, b);
+            else
+                head_i6_rows_avx2(j, a, b);
+            continue;
+        }
+#endif
+        head_rows_generic(j, a, b);
+    }
+}
+
+int bt_head_matmul(int fmt, const uint8_t *w, const float *scale, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
+                   const int32_t *rowsum, const float *s, int64_t T, float *y, int64_t ldy) {
+    int64_t rb = bt_head_row_bytes(fmt, K);
+    if (rb == -2) return -2;
+    if (!w || !scale || !q || !rowsum || !s || !y || N <= 0 || rb < 0 || T < 0 || ldy < N) return -1;
+    if (ldq < (fmt == BT_HEAD_I6 ? rb / 96 * 128 : K)) return -3;
+    if (T == 0) return 0;
+    head_job j = {.fmt = fmt, .w = w, .scale = scale, .N = N, .K = K, .rb = rb, .q = q, .ldq = ldq, .rowsum = rowsum,
+                  .s = s, .T = T, .y = y, .ldy = ldy, .avx2 = use_avx2()};
+    int n = bt_get_threads();
+    if (n < 1) n = 1;
+    if ((int64_t)n > N) n = (int)N;
+    /* work items of ~128 KB of rows, at least 4 per thread so a descheduled thread takes fewer */
+    int64_t c = (128 * 1024 + rb - 1) / rb;
+    int64_t fair = (N + 4 * (int64_t)n - 1) / (4 * (int64_t)n);
+    j.chunk = n == 1 ? N : (c < fair ? c : fair);
+    if (j.chunk < 1) j.chunk = 1;
+    atomic_store(&j.next, 0);
+    bt_parallel(head_task, &j, n);
+    return 0;
+}

@@ -1,0 +1,317 @@
+/* The engine's per-token glue, written once and compiled twice by bt_engine.c: a portable build and
+ * an AVX2/FMA/F16C build (BT_GLUE_AVX2 defined; functions get the target attribute and a _avx2
+ * suffix). Float arithmetic follows the torch path's order (sums left to right, no FMA contraction). */
+
+#ifdef BT_GLUE_AVX2
+#define GLUE_FN(name) __attribute__((target("avx2,fma,f16c"))) static name##_avx2
+#define GLUE_INL(name) static inline __attribute__((always_inline, target("avx2,fma,f16c"))) name##_avx2
+#define G(name) name##_avx2
+#else
+#define GLUE_FN(name) static name##_generic
+#define GLUE_INL(name) static inline name##_generic
+#define G(name) name##_generic
+#endif
+
+GLUE_INL(float load_kv)(const void *base, int dt, int64_t i) {
+    if (dt == BT_KV_F32) return ((const float *)base)[i];
+#ifdef BT_GLUE_AVX2
+    if (dt == BT_KV_F16) return _cvtsh_ss(((const uint16_t *)base)[i]);
+#else
+    if (dt == BT_KV_F16) return bt_half_to_float(((const uint16_t *)base)[i]);
+#endif
+    return bt_bf16_to_float(((const uint16_t *)base)[i]);
+}
+
+GLUE_INL(void store_kv)(void *base, int dt, int64_t i, float v) {
+    if (dt == BT_KV_F32)
+        ((float *)base)[i] = v;
+#ifdef BT_GLUE_AVX2
+    else if (dt == BT_KV_F16)
+        ((uint16_t *)base)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+#else
+    else if (dt == BT_KV_F16)
+        ((uint16_t *)base)[i] = bt_float_to_half(v);
+#endif
+    else
+        ((uint16_t *)base)[i] = bt_float_to_bf16(v);
+}
+
+/* int8 quantisation of y[K] into q (as bittern.quant, through the library's quantiser): returns s */
+GLUE_INL(float quant_row)(const float *y, int64_t K, int8_t *q, int64_t ldq, int32_t *rowsum) {
+    float s = 0.0f;
+    bt_quantize(y, BT_DT_F32, 1, K, K, q, ldq, &s, rowsum);
+    return s;
+}
+
+/* sum of squares of x[K] */
+GLUE_INL(float sumsq)(const float *x, int64_t K) {
+    int64_t k = 0;
+    float ss = 0.0f;
+#ifdef BT_GLUE_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 32 <= K; k += 32) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+        a0 = _mm256_fmadd_ps(x0, x0, a0);
+        a1 = _mm256_fmadd_ps(x1, x1, a1);
+        a2 = _mm256_fmadd_ps(x2, x2, a2);
+        a3 = _mm256_fmadd_ps(x3, x3, a3);
+    }
+    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
+    ss = _mm_cvtss_f32(r);
+#endif
+    for (; k < K; k++) ss += x[k] * x[k];
+    return ss;
+}
+
+GLUE_FN(void norm_quant)(float *x, const float *delta, const float *w, float eps, int64_t T, int64_t K, float *y_out,
+                         int8_t *q, int64_t ldq, float *s, int32_t *rowsum) {
+    for (int64_t t = 0; t < T; t++) {
+        float *xr = x + t * K;
+        if (delta)
+            for (int64_t k = 0; k < K; k++) xr[k] += delta[t * K + k];
+        float *yr = y_out ? y_out + t * K : xr;
+        if (w) {
+            float r = 1.0f / sqrtf(G(sumsq)(xr, K) / (float)K + eps);
+            for (int64_t k = 0; k < K; k++) yr[k] = (xr[k] * r) * w[k];
+        } else if (yr != xr) {
+            memcpy(yr, xr, (size_t)K * sizeof(float));
+        }
+        if (q) s[t] = G(quant_row)(yr, K, q + t * ldq, ldq, rowsum + t);
+    }
+}
+
+GLUE_FN(void act_quant)(float *gu, int64_t T, int64_t F, int act, const float *w, float eps, int8_t *q, int64_t ldq,
+                        float *s, int32_t *rowsum) {
+    for (int64_t t = 0; t < T; t++) {
+        float *g = gu + t * 2 * F, *u = g + F;
+        for (int64_t k = 0; k < F; k++) {
+            float a = g[k];
+            a = act == 0 ? a / (1.0f + expf(-a)) : (a > 0.0f ? a * a : 0.0f);
+            g[k] = a * u[k];
+        }
+        if (w) {
+            float r = 1.0f / sqrtf(G(sumsq)(g, F) / (float)F + eps);
+            for (int64_t k = 0; k < F; k++) g[k] = (g[k] * r) * w[k];
+        }
+        s[t] = G(quant_row)(g, F, q + t * ldq, ldq, rowsum + t);
+    }
+}
+
+#ifdef BT_GLUE_AVX2
+static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 load8_kv_avx2(const void *row, int dt,
+                                                                                           int64_t i) {
+    if (dt == BT_KV_F32) return _mm256_loadu_ps((const float *)row + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+    if (dt == BT_KV_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+#endif
+
+GLUE_INL(float dot_kv)(const float *q, const void *row, int dt, int64_t hd) {
+    int64_t i = 0;
+    float acc = 0.0f;
+#ifdef BT_GLUE_AVX2
+    __m256 a = _mm256_setzero_ps();
+    for (; i + 8 <= hd; i += 8) {
+        const __m256 kv = load8_kv_avx2(row, dt, i);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv, a);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
+    acc = _mm_cvtss_f32(r);
+#endif
+    for (; i < hd; i++) acc += q[i] * G(load_kv)(row, dt, i);
+    return acc;
+}
+
+GLUE_INL(void axpy_kv)(float *out, float w, const void *row, int dt, int64_t hd) {
+    int64_t i = 0;
+#ifdef BT_GLUE_AVX2
+    __m256 vw = _mm256_set1_ps(w);
+    for (; i + 8 <= hd; i += 8) {
+        const __m256 kv = load8_kv_avx2(row, dt, i);
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vw, kv, _mm256_loadu_ps(out + i)));
+    }
+#endif
+    for (; i < hd; i++) out[i] += w * G(load_kv)(row, dt, i);
+}
+
+/* RoPE (rotate-half convention) on the q and k heads of qkv, then k and v into the cache at pos */
+GLUE_INL(void rope_store)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos,
+                          const float *sin, void *kc, void *vc, int dt, int64_t max_len) {
+    const float *k = qkv + H * hd, *v = k + KVH * hd;
+    int64_t half = hd / 2;
+    for (int64_t h = 0; h < H + KVH; h++) {
+        float *r = qkv + h * hd;
+        for (int64_t i = 0; i < half; i++) {
+            float a = r[i], b = r[i + half];
+            r[i] = a * cos[i] + (-b) * sin[i];
+            r[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+    for (int64_t g = 0; g < KVH; g++)
+        for (int64_t i = 0; i < hd; i++) {
+            G(store_kv)(kc, dt, (g * max_len + pos) * hd + i, k[g * hd + i]);
+            G(store_kv)(vc, dt, (g * max_len + pos) * hd + i, v[g * hd + i]);
+        }
+}
+
+#ifndef BT_GLUE_AVX2
+GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos, const float *sin,
+                     void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores) {
+    const float *q = qkv;
+    G(rope_store)(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len);
+    int64_t rep = H / KVH, S = pos + 1;
+    size_t es = dt == BT_KV_F32 ? 4 : 2;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t h = 0; h < H; h++) {
+        int64_t g = h / rep;
+        const char *kb = (const char *)kc + (size_t)(g * max_len) * hd * es;
+        const char *vb = (const char *)vc + (size_t)(g * max_len) * hd * es;
+        float m = -INFINITY;
+        for (int64_t p = 0; p < S; p++) {
+            float sc = G(dot_kv)(q + h * hd, kb + (size_t)p * hd * es, dt, hd) * scale;
+            scores[p] = sc;
+            m = sc > m ? sc : m;
+        }
+        float sum = 0.0f;
+        for (int64_t p = 0; p < S; p++) {
+            scores[p] = expf(scores[p] - m);
+            sum += scores[p];
+        }
+        float inv = 1.0f / sum;
+        float *o = out + h * hd;
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t p = 0; p < S; p++) G(axpy_kv)(o, scores[p] * inv, vb + (size_t)p * hd * es, dt, hd);
+    }
+}
+
+#endif
+
+#ifdef BT_GLUE_AVX2
+/* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), |relative error| < 2e-7 */
+static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 exp_neg_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static _Thread_local float *tl_scores = NULL;
+static _Thread_local size_t tl_scores_cap = 0;
+
+/* The query heads sharing one KV head are processed together (up to 4 at a time), so every cached key
+ * and value row is loaded and converted once per group; softmax uses a vectorised exp. */
+GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos, const float *sin,
+                     void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores) {
+    if (hd % 16) {
+        attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+        return;
+    }
+    const float *q = qkv;
+    rope_store_avx2(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len);
+    const int64_t rep = H / KVH, S = pos + 1, S8 = (S + 7) / 8 * 8;
+    if ((size_t)(4 * S8) > tl_scores_cap) {
+        free(tl_scores);
+        tl_scores_cap = (size_t)(4 * S8);
+        tl_scores = (float *)malloc(tl_scores_cap * sizeof(float));
+        if (!tl_scores) { /* out of memory: the slower path needs only the caller's scratch */
+            tl_scores_cap = 0;
+            attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+            return;
+        }
+    }
+    float *P = tl_scores;
+    const size_t es = dt == BT_KV_F32 ? 4 : 2;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t g = 0; g < KVH; g++) {
+        const char *kb = (const char *)kc + (size_t)(g * max_len) * hd * es;
+        const char *vb = (const char *)vc + (size_t)(g * max_len) * hd * es;
+        for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += 4) {
+            const int nh = (g + 1) * rep - h0 < 4 ? (int)((g + 1) * rep - h0) : 4;
+            const float *qh[4];
+            for (int j = 0; j < 4; j++) qh[j] = q + (h0 + (j < nh ? j : 0)) * hd;
+            /* scores: one key row against nh query heads */
+            for (int64_t p = 0; p < S; p++) {
+                const char *kr = kb + (size_t)p * hd * es;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t i = 0; i < hd; i += 8) {
+                    __m256 kv = load8_kv_avx2(kr, dt, i);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[0] + i), kv, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[1] + i), kv, a1);
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[2] + i), kv, a2);
+                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[3] + i), kv, a3);
+                }
+                __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+                __m256 s = _mm256_hadd_ps(s01, s23);
+                __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                float sc[4];
+                _mm_storeu_ps(sc, _mm_mul_ps(r, _mm_set1_ps(scale)));
+                for (int j = 0; j < 4; j++) P[j * S8 + p] = sc[j];
+            }
+            /* softmax per head; the padding up to S8 gets probability 0 */
+            float inv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int j = 0; j < 4; j++) { /* all 4 lanes (a short tile repeats head h0): fixed trip counts */
+                float *pj = P + j * S8;
+                float m = -INFINITY;
+                for (int64_t p = 0; p < S; p++) m = pj[p] > m ? pj[p] : m;
+                for (int64_t p = S; p < S8; p++) pj[p] = -INFINITY;
+                const __m256 vm = _mm256_set1_ps(m);
+                __m256 vs = _mm256_setzero_ps();
+                for (int64_t p = 0; p < S8; p += 8) {
+                    __m256 e = exp_neg_avx2(_mm256_sub_ps(_mm256_loadu_ps(pj + p), vm));
+                    if (p + 8 > S) e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                                            _mm256_set1_epi32((int)(S - p)),
+                                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+                    _mm256_storeu_ps(pj + p, e);
+                    vs = _mm256_add_ps(vs, e);
+                }
+                __m128 r = _mm_add_ps(_mm256_castps256_ps128(vs), _mm256_extractf128_ps(vs, 1));
+                r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+                r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
+                inv[j] = 1.0f / _mm_cvtss_f32(r);
+            }
+            /* out[h] = sum_p P[h][p] * v[p], 16 columns at a time kept in registers for all nh heads */
+            for (int64_t i = 0; i < hd; i += 16) {
+                __m256 o[4][2];
+                for (int j = 0; j < 4; j++) o[j][0] = o[j][1] = _mm256_setzero_ps();
+                for (int64_t p = 0; p < S; p++) {
+                    const char *vr = vb + (size_t)p * hd * es;
+                    const __m256 v0 = load8_kv_avx2(vr, dt, i), v1 = load8_kv_avx2(vr, dt, i + 8);
+                    for (int j = 0; j < 4; j++) {
+                        const __m256 w = _mm256_broadcast_ss(P + j * S8 + p);
+                        o[j][0] = _mm256_fmadd_ps(w, v0, o[j][0]);
+                        o[j][1] = _mm256_fmadd_ps(w, v1, o[j][1]);
+                    }
+                }
+                for (int j = 0; j < nh; j++) {
+                    const __m256 f = _mm256_set1_ps(inv[j]);
+                    _mm256_storeu_ps(out + (h0 + j) * hd + i, _mm256_mul_ps(o[j][0], f));
+                    _mm256_storeu_ps(out + (h0 + j) * hd + i + 8, _mm256_mul_ps(o[j][1], f));
+                }
+            }
+        }
+    }
+    BT_UNUSED(scores);
+}
+#endif
+
+#undef GLUE_FN
+#undef GLUE_INL
+#undef G

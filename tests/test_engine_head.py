@@ -1,0 +1,141 @@
+"""The engine's C kernels in the native library: LM head (int8, 6-bit) bit-exact, decode glue on both ISAs."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from bittern.engine.head import TokenTable, quantize_rows_int8
+from bittern.engine.headkernel import load_head_kernel
+from bittern.kernels import native
+from bittern.quant import quantize_activation
+
+pytestmark = pytest.mark.skipif(load_head_kernel() is None, reason="native library not built")
+
+ISAS = ["scalar"] + (["avx2"] if native.isa_available("avx2") else [])
+QMAX = {"int8": 127, "int6": 31}
+
+
+def _reference(fmt: str, w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    codes, scales = quantize_rows_int8(w, qmax=QMAX[fmt])
+    q, s = quantize_activation(x)
+    acc = torch.matmul(q.double(), codes.double().t()).float()  # exact integer sums
+    return codes, scales, acc * (scales[None, :] / s)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int6"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("rows,cols,tokens", [(37, 100, 1), (64, 128, 2), (129, 257, 5), (300, 2560 + 96, 3)])
+def test_head_product_bit_exact(fmt: str, isa: str, threads: int, rows: int, cols: int, tokens: int) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)  # rows of different scale
+    w[0] = 0.0  # an all-zero row
+    x = torch.randn(tokens, cols, generator=g) * 3
+    codes_ref, scales_ref, y_ref = _reference(fmt, w, x)
+    with native.using(isa, threads):
+        table = TokenTable(w, fmt)
+        y = table.logits(x)
+        emb = table.embed(torch.tensor([0, rows - 1, rows // 2, rows - 1]))
+    row_bytes = cols if fmt == "int8" else -(-cols // 128) * 96
+    assert table.nbytes == rows * row_bytes + 4 * rows
+    assert torch.equal(table.scales, scales_ref)
+    assert torch.equal(emb, codes_ref[[0, rows - 1, rows // 2, rows - 1]].float() * scales_ref[[0, rows - 1, rows // 2, rows - 1], None])
+    assert torch.equal(y, y_ref)
+
+
+def test_head_extreme_codes_do_not_overflow() -> None:
+    """All codes at +-qmax and activations at -128/127: the int16 pair sums must stay exact."""
+    kern = load_head_kernel()
+    cols = 4096
+    w = torch.ones(4, cols)
+    w[1] = -1.0
+    w[2, ::2] = -1.0
+    x = torch.full((2, cols), -1.0)
+    x[1, ::3] = 1.0
+    for fmt in ("int8", "int6"):
+        _, _, y_ref = _reference(fmt, w, x)
+        for isa in ISAS:
+            with native.using(isa, 1):
+                codes, scales = kern.quantize(w, fmt)
+                assert torch.equal(kern.matmul(fmt, codes, scales, cols, x), y_ref)
+
+
+def test_head_rejects_non_finite_tables() -> None:
+    w = torch.randn(8, 64)
+    w[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        TokenTable(w, "int6")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_rows_int8(w)
+
+
+def test_int6_head_bytes_and_quality_between_int8_and_float() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(500, 256, generator=g)
+    x = torch.randn(4, 256, generator=g)
+    exact = x @ w.t()
+    errs = {f: (TokenTable(w, f).logits(x) - exact).abs().mean().item() for f in ("int8", "int6")}
+    assert 0 < errs["int8"] < errs["int6"] < 0.05 * exact.abs().mean().item()
+    assert TokenTable(w, "int6").weight.numel() == 500 * 256 * 3 // 4
+
+
+def _attend(isa: str, qkv: torch.Tensor, H: int, KVH: int, hd: int, pos: int, cos: torch.Tensor, sin: torch.Tensor,
+            kv_dtype: torch.dtype, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kern = load_head_kernel()
+    qkv = qkv.clone()
+    kc = torch.zeros(KVH, max_len, hd, dtype=kv_dtype)
+    vc = torch.zeros(KVH, max_len, hd, dtype=kv_dtype)
+    g = torch.Generator().manual_seed(11)
+    kc[:, :pos] = torch.randn(KVH, pos, hd, generator=g).to(kv_dtype)
+    vc[:, :pos] = torch.randn(KVH, pos, hd, generator=g).to(kv_dtype)
+    out = torch.empty(H * hd)
+    scores = torch.empty(max_len)
+    dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[kv_dtype]
+    with native.using(isa, 1):
+        rc = kern.attend(qkv.data_ptr(), H, KVH, hd, pos, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+                         dt, max_len, out.data_ptr(), scores.data_ptr())
+    assert rc == 0
+    return out, kc, vc
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attend_matches_torch_and_stores_kv_exactly(kv_dtype: torch.dtype) -> None:
+    H, KVH, hd, pos, max_len = 4, 2, 24, 5, 8
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn((H + 2 * KVH) * hd, generator=g)
+    # values that exercise float->half rounding: ties, subnormals, overflow to inf, near 65504
+    qkv[H * hd : H * hd + 8] = torch.tensor([1.0 + 2**-11, 1.0 + 3 * 2**-11, 3e-6, -6.1e-5, 7e4, 65519.0, 65520.0, 1e-9])
+    cos = torch.ones(hd)
+    sin = torch.zeros(hd)  # identity rotation: the stored keys are the inputs
+    k_in = qkv[H * hd : (H + KVH) * hd].reshape(KVH, hd)
+    v_in = qkv[(H + KVH) * hd :].reshape(KVH, hd)
+    outs = []
+    for isa in ISAS:
+        out, kc, vc = _attend(isa, qkv, H, KVH, hd, pos, cos, sin, kv_dtype, max_len)
+        assert torch.equal(kc[:, pos].view(torch.int16 if kv_dtype != torch.float32 else torch.int32),
+                           k_in.to(kv_dtype).view(torch.int16 if kv_dtype != torch.float32 else torch.int32))
+        assert torch.equal(vc[:, pos], v_in.to(kv_dtype))
+        finite = torch.isfinite(kc.float()).all()
+        if finite:  # the reference: softmax attention over positions 0..pos with GQA
+            q = qkv[: H * hd].reshape(H, hd)
+            k = kc[:, : pos + 1].float().repeat_interleave(H // KVH, 0)
+            v = vc[:, : pos + 1].float().repeat_interleave(H // KVH, 0)
+            att = torch.softmax((q[:, None, :] @ k.transpose(1, 2))[:, 0] / hd**0.5, -1)
+            ref = (att[:, None, :] @ v)[:, 0].reshape(-1)
+            assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+        outs.append(out)
+    if len(outs) == 2:
+        assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_attend_rejects_bad_arguments() -> None:
+    kern = load_head_kernel()
+    buf = torch.zeros(64)
+    p = buf.data_ptr()
+    assert kern.attend(p, 3, 2, 8, 0, p, p, p, p, 0, 4, p, p) == -1  # heads not a multiple of KV heads
+    assert kern.attend(p, 2, 2, 8, 4, p, p, p, p, 0, 4, p, p) == -1  # position past the cache
+    assert isinstance(kern.lib.bt_head_row_bytes(7, 10), int) and kern.lib.bt_head_row_bytes(7, 10) == -2
+    assert ctypes.c_int64(kern.lib.bt_head_row_bytes(1, 129)).value == 192
