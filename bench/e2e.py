@@ -78,7 +78,8 @@ def _engine_run(spec: dict) -> dict:
         with torch.inference_mode():
             res["profile"] = _profile(m, spec["kv"], spec["prompt"], clock=time.thread_time if one else time.perf_counter)
         res["profile"]["clock"] = "thread CPU time" if one else "wall"
-    res["kv_bytes"] = engine._cache.nbytes if engine._cache is not None else 0
+    used = spec["prompt"] + spec["gen"]  # positions written (the cache is sized to the context but maps lazily)
+    res["kv_bytes"] = engine._cache.bytes_per_token() * used if engine._cache is not None else 0
     res["peak_rss"] = peak_rss_bytes()
     res["interpreter_rss"] = base_rss
     return res

@@ -188,3 +188,36 @@ def test_cli_without_model_uses_default_or_says_so(model_dir, capsys, monkeypatc
     monkeypatch.setattr(train, "default_model_path", lambda: model_dir)
     assert main(["generate", "ROMEO:", "--max-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_follow_up_prompt_reuses_the_cached_prefix(model_dir) -> None:
+    """A chat turn re-sends the history: only the new tokens are prefilled, and the tokens are unchanged."""
+    warm = Engine.load(model_dir, head="f32", kv_dtype="f32")
+    first = list(range(5, 30))
+    p = SamplingParams(max_tokens=12)
+    reply = list(warm.generate_ids(first, p, eos_ids=set()))
+    assert warm.last_stats.reused_tokens == 0
+    follow = first + reply + [7, 8, 9, 10]
+    again = list(warm.generate_ids(follow, p, eos_ids=set()))
+    # every token fed back through decode is reused (the last sampled reply token never was)
+    assert warm.last_stats.reused_tokens == len(first) + len(reply) - 1
+    cold = Engine.load(model_dir, head="f32", kv_dtype="f32")
+    assert again == list(cold.generate_ids(follow, p, eos_ids=set()))
+    assert cold.last_stats.reused_tokens == 0
+    # a diverging prompt reuses only the common prefix; an interrupted generation keeps what is complete
+    it = warm.generate_ids(first[:10] + [99, 98], p, eos_ids=set())
+    next(it), next(it)
+    it.close()
+    assert warm.last_stats.reused_tokens == 10
+    assert list(warm.generate_ids(first[:10] + [99, 98, 97], p, eos_ids=set())) == list(
+        cold.generate_ids(first[:10] + [99, 98, 97], p, eos_ids=set()))
+    assert warm.last_stats.reused_tokens == 12
+
+
+def test_cli_chat_second_turn_reuses_the_history(model_dir, capsys, monkeypatch) -> None:
+    lines = iter(["hello there", "and again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "2"]) == 0
+    err = capsys.readouterr().err
+    reports = [line for line in err.splitlines() if line.startswith("[prefill")]
+    assert len(reports) == 2 and "reused from the cache" not in reports[0] and "reused from the cache" in reports[1]

@@ -102,7 +102,8 @@ def _report(engine) -> None:
 
     file = sys.stderr
     st = engine.last_stats
-    print(f"\n[prefill {st.prompt_tokens} tok, {st.prefill_tok_s:.1f} tok/s | decode {st.generated_tokens} tok, "
+    reused = f" ({st.reused_tokens} reused from the cache)" if st.reused_tokens else ""
+    print(f"\n[prefill {st.prompt_tokens} tok{reused}, {st.prefill_tok_s:.1f} tok/s | decode {st.generated_tokens} tok, "
           f"{st.decode_tok_s:.1f} tok/s | peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]", file=file)
 
 
@@ -136,7 +137,7 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(prompt)
         sys.stdout.flush()
         try:
-            for piece in engine_stream_ids(engine, ids, params):
+            for piece in engine.stream(ids, params):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -209,7 +210,7 @@ def run_chat(args: argparse.Namespace) -> int:
         turn.max_tokens = max(1, min(turn.max_tokens, engine.context - len(ids)))
         reply = []
         try:
-            for piece in engine_stream_ids(engine, ids, turn):
+            for piece in engine.stream(ids, turn):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -218,29 +219,6 @@ def run_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply).strip()})
         _report(engine)
-
-
-def engine_stream_ids(engine, ids: list[int], params):
-    """Stream text for a prompt given as token ids (chat renders its own template)."""
-    from ..engine.generate import _TextStream
-
-    text = _TextStream(engine.tokenizer, params.stop)
-    eos = engine.eos_ids()
-    gen = engine.generate_ids(ids, params, eos)
-    try:
-        for token in gen:
-            if token in eos:
-                break
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                break
-        tail = text.finish()
-        if tail:
-            yield tail
-    finally:
-        gen.close()
 
 
 def run_model_create(args: argparse.Namespace) -> int:

@@ -53,11 +53,14 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    reused_tokens: int = 0
+    """Prompt tokens whose keys and values were still in the cache from the previous call (not recomputed)."""
 
     @property
     def prefill_tok_s(self) -> float:
-        """Prompt tokens per second."""
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        """Prompt tokens run through the model per second (reused ones excluded)."""
+        n = self.prompt_tokens - self.reused_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -129,6 +132,7 @@ class Engine:
         self.kv_dtype = kv_dtype
         self.last_stats = GenerationStats()
         self._cache: EngineKVCache | None = None
+        self._cached: list[int] = []  # ids whose keys/values fill positions 0.. of the single-sequence cache
 
     @classmethod
     def load(cls, path: str | os.PathLike, head: str = "auto", kv_dtype: str = "f16", threads: int | None = None,
@@ -202,11 +206,17 @@ class Engine:
             return {self.tokenizer.eos_id}
         return set()
 
-    def _get_cache(self, length: int) -> EngineKVCache:
+    def _get_cache(self) -> EngineKVCache:
+        """The single-sequence cache, sized to the whole context (its pages become resident only as they fill)."""
         c = self._cache
-        if c is None or c.max_len < length or c.slots != 1 or c.dtype_name != self.kv_dtype:
-            c = self._cache = self.model.new_cache(1, length, self.kv_dtype)
+        if c is None or c.dtype_name != self.kv_dtype:
+            c = self._cache = self.model.new_cache(1, self.context, self.kv_dtype)
+            self._cached = []
         return c
+
+    def reset_cache(self) -> None:
+        """Forget the cached prefix (the next call prefills its whole prompt)."""
+        self._cached = []
 
     # ------------------------------------------------------------------ single sequence
 
@@ -220,15 +230,23 @@ class Engine:
         return self._generate(ids, params, eos)
 
     def _generate(self, ids: list[int], params: SamplingParams, eos: set[int]) -> Iterator[int]:
+        """Prefill (reusing the longest prefix still cached from the previous call, as a chat needs), then decode."""
         length = min(self.context, len(ids) + params.max_tokens)
-        cache = self._get_cache(length)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        cache = self._get_cache()
+        reuse = 0
+        for a, b in zip(self._cached, ids[:-1]):  # at least the last prompt token is run, for its logits
+            if a != b:
+                break
+            reuse += 1
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=reuse)
         generator = make_generator(params.seed)
         penalty = params.repetition_penalty != 1.0
         seen = SeenTokens(ids, params.max_tokens) if penalty else None
+        self._cached = cached = ids[:reuse]  # stays valid if the prefill is interrupted
         t0 = time.perf_counter()
-        logits = self.model.prefill(ids, cache, 0, 0)
+        logits = self.model.prefill(ids[reuse:], cache, 0, reuse)
         stats.prefill_seconds = time.perf_counter() - t0
+        cached.extend(ids[reuse:])
         pos = len(ids)
         slots = [0]
         t1 = time.perf_counter()
@@ -244,6 +262,7 @@ class Engine:
             if n == 0:
                 t1 = time.perf_counter()
             logits = self.model.decode([token], cache, slots, [pos])
+            cached.append(token)  # only once its keys/values are complete in every layer
             pos += 1
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
