@@ -25,14 +25,7 @@ CFG_BITNET = get_config("tiny-2b4t", hidden_size=256, intermediate_size=512, num
 CFG_LLAMA = get_config("tiny", hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2, vocab_size=300,
                        max_seq_len=64)
 
-@pytest.fixture(autouse=True)
-def _reference_kernels():
-    """Pin the reference kernel: these tests check formats, not the speed of whatever backend is built here."""
-    from bittern import kernels
-    previous = kernels._active
-    kernels.set_backend("reference")
-    yield
-    kernels._active = previous
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 
 

@@ -29,14 +29,7 @@ VOCAB = 320
 LOGIT_RTOL = 1e-3  # of the largest |logit|: float32 rounding (e.g. 1/gamma vs gamma) and, rarely, one int8
 #                   activation landing on the other side of a rounding boundary; a wrong code or scale is far above
 
-@pytest.fixture(autouse=True)
-def _reference_kernels():
-    """Pin the reference kernel: these tests check formats, not the speed of whatever backend is built here."""
-    from bittern import kernels
-    previous = kernels._active
-    kernels.set_backend("reference")
-    yield
-    kernels._active = previous
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 
 

@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("reference_kernels")]
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from bittern.configs import get_config  # noqa: E402
@@ -35,13 +35,6 @@ N_NEW = 12
 PROMPT = [5, 17, 101, 42, 7, 250, 3, 99]
 
 
-@pytest.fixture(autouse=True)
-def _reference_kernels():
-    from bittern import kernels
-    previous = kernels._active
-    kernels.set_backend("reference")
-    yield
-    kernels._active = previous
 
 
 def _model(base: str, seed: int, **kw) -> Transformer:

@@ -23,15 +23,7 @@ from bittern.model import Transformer
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels():
-    """Packed models run on the plain PyTorch reference kernels here (the arithmetic under test)."""
-    from bittern import kernels
-
-    previous = kernels._active
-    kernels.set_backend("reference")
-    yield
-    kernels._active = previous
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # packed models on the reference kernels here
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ Parameter names follow Hugging Face LLaMA (``layers.N.self_attn.q_proj.weight``,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +61,68 @@ class KVCache:
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables ``[max_len, head_dim]`` for rotate-half RoPE (HF LLaMA convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return _tables(rope_inv_freq(head_dim, theta), max_len)
+
+
+def _tables(inv_freq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
+
+
+ROPE_SCALING_TYPES = ("default", "linear", "llama3")
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate a Hugging Face ``rope_scaling`` dict; returns it, or None for no (or "default") scaling.
+
+    Raises ValueError naming the problem for an unsupported type or a missing/invalid parameter.
+    """
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be an object, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope scaling type {kind!r} is not supported (supported: {', '.join(ROPE_SCALING_TYPES)})")
+    if kind == "default":
+        return None
+    need = ["factor"] + (["original_max_position_embeddings"] if kind == "llama3" else [])
+    for key in need + [k for k in ("low_freq_factor", "high_freq_factor") if k in scaling]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"rope_scaling {kind!r} needs a positive number {key!r}, got {value!r}")
+    if kind == "llama3" and float(scaling.get("high_freq_factor", 4.0)) <= float(scaling.get("low_freq_factor", 1.0)):
+        raise ValueError("rope_scaling 'llama3' needs high_freq_factor > low_freq_factor")
+    return scaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim / 2]`` (float64), with HF ``rope_scaling`` "linear"/"llama3" applied."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    scaling = check_rope_scaling(scaling)
+    if scaling is None:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    return torch.where(wavelen > old_ctx / low, inv / factor, torch.where(wavelen < old_ctx / high, inv, mid))
+
+
+def scaled_rope_tables(config: ModelConfig, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[max_seq_len, head_dim]`` of ``config`` with the given HF ``rope_scaling`` applied."""
+    return _tables(rope_inv_freq(config.head_dim, config.rope_theta, scaling), config.max_seq_len)
+
+
+def config_rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of ``config``, honouring ``config.extra["rope_scaling"]`` (set by the HF importer)."""
+    return scaled_rope_tables(config, config.extra.get("rope_scaling"))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -171,7 +230,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        if torch.empty(0).device.type == "meta":  # a shapes-only model: whoever loads the weights sets the tables
+            cos = sin = torch.empty(config.max_seq_len, config.head_dim)
+        else:
+            cos, sin = config_rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

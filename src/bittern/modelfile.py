@@ -30,7 +30,7 @@ from torch import nn
 
 from .configs import ModelConfig
 from .layers import BitLinear, PackedLinear
-from .model import Transformer, rope_tables
+from .model import Transformer, config_rope_tables
 from .pack import TernaryWeight, get_layout
 
 FORMAT = "bittern-packed"
@@ -259,7 +259,10 @@ def load_packed(directory: str | os.PathLike, dtype: torch.dtype = torch.float32
     model.load_state_dict(float_state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    try:
+        cos, sin = config_rope_tables(cfg)  # honours extra["rope_scaling"] of an imported HF model
+    except ValueError as e:
+        raise ModelFileError(f"{directory / CONFIG_FILE}: {e}") from None
     model.rope_cos, model.rope_sin = cos, sin
     model.requires_grad_(False)
     return model.eval()

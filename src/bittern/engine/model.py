@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..configs import ModelConfig
 from ..errors import UsageError
 from ..modelfile import WEIGHTS_FILE, ModelFileError, read_config, read_safetensors
-from ..model import Transformer, rope_tables
+from ..model import Transformer, config_rope_tables
 from ..pack import TernaryWeight, get_layout
 from .head import TokenTable
 from .kvcache import EngineKVCache
@@ -96,7 +96,7 @@ class EngineModel:
         c = config
         self.H, self.KVH, self.hd = c.num_heads, c.num_kv_heads, c.head_dim
         self.rep = c.num_heads // c.num_kv_heads
-        self.cos, self.sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.cos, self.sin = config_rope_tables(c)  # honours extra["rope_scaling"]
         self._buffers: dict[int, _Buffers] = {}
         self._fast: dict[int, _FastBuffers] = {}
         self.use_fast_path = self.fast_path_available()
@@ -120,7 +120,7 @@ class EngineModel:
         return cls._build(model.config, state, str(layout), head, embed, backend, 0)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, head: str = "int8", embed: str | None = None,
+    def load(cls, path: str | os.PathLike, head: str = "auto", embed: str | None = None,
              backend: str | None = None) -> "EngineModel":
         """Open a packed model directory; ternary weights stay memory-mapped (nothing copied)."""
         directory = Path(path)

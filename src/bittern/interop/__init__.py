@@ -19,7 +19,7 @@ from ..model import Transformer
 from ..modelfile import FORMAT, load_packed
 from .bittern_io import save_packed_streaming
 from .gguf_io import load_gguf, load_gguf_tokenizer, save_gguf
-from .hf import load_hf, load_tokenizer_if_any, save_hf
+from .hf import hf_source, load_hf, load_tokenizer_if_any, save_hf
 from .hub import download, looks_like_repo_id
 
 __all__ = ["LoadedModel", "from_pretrained", "convert", "detect_format", "load_hf", "save_hf", "load_gguf",
@@ -97,6 +97,7 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str = "bitte
     ``to="bittern"``: packed model directory (``layout``, float ``dtype`` default float16);
     ``to="hf"``: transformers checkpoint directory (``dtype`` default bfloat16, ``hf_linear_class``);
     ``to="gguf"``: a GGUF file (``weight_type`` TQ2_0/TQ1_0/F16; ``dtype`` float16 or float32 for embeddings).
+    A Hugging Face source is streamed tensor by tensor (peak memory about the largest tensor).
     """
     import tempfile
 
@@ -105,7 +106,14 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str = "bitte
     dest = Path(dest)
     if dest.resolve() == Path(source).expanduser().resolve():
         raise UsageError("destination and source are the same path")
-    model, tokenizer, fmt = from_pretrained(source, dtype=None, revision=revision)
+    path = Path(source).expanduser()
+    if not path.exists() and looks_like_repo_id(str(source)):
+        path = download(str(source), revision=revision)
+    if detect_format(path) == "hf":
+        # streamed: each tensor is read, converted and written in turn; the model is never built
+        model, tokenizer, fmt = hf_source(path), load_tokenizer_if_any(path), "hf"
+    else:
+        model, tokenizer, fmt = from_pretrained(path, dtype=None)
     with tempfile.TemporaryDirectory(prefix="bittern-tok-") as tmp:
         tok_dir = _tokenizer_dir(tokenizer, Path(tmp))
         if to == "bittern":

@@ -15,47 +15,37 @@ from typing import Any
 
 import torch
 
-from ..layers import BitLinear, PackedLinear
 from ..model import Transformer
 from ..modelfile import CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write
-from ..pack import TernaryWeight, get_layout
+from ..pack import get_layout
+from .assemble import TensorSource, as_source, linear_names
 from .safetensors_io import TensorSpec, default_permissions, write_safetensors_streaming
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def save_packed_streaming(model: Transformer, directory: str | os.PathLike, layout: str = "2bit", dtype: str = "float16",
-                          tokenizer_dir: str | os.PathLike | None = None, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as a bittern packed directory, encoding and writing one tensor at a time."""
+def save_packed_streaming(model: Transformer | TensorSource, directory: str | os.PathLike, layout: str = "2bit",
+                          dtype: str = "float16", tokenizer_dir: str | os.PathLike | None = None,
+                          meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a model or a :class:`~bittern.interop.assemble.TensorSource`) as a bittern packed
+    directory, encoding and writing one tensor at a time."""
     if model.config.linear != "bitnet":
         raise ValueError("only a BitNet model (linear='bitnet') can be saved packed")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
     lay = get_layout(layout)
     tdtype = _DTYPES[dtype]
+    source = as_source(model)
     directory = Path(directory)
     specs: list[TensorSpec] = []
-    linear_owners = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, (BitLinear, PackedLinear)):
-            continue
-        linear_owners.add(name)
-
-        def weight(module=module) -> TernaryWeight:
-            if isinstance(module, BitLinear):
-                return TernaryWeight.from_float(module.weight.detach().float(), layout)
-            return module.ternary.to_layout(layout)
-        specs.append(TensorSpec(f"{name}.weight_packed", torch.uint8,
-                                (module.out_features, lay.packed_cols(module.in_features)),
-                                lambda weight=weight: weight().packed.contiguous()))
+    for name in linear_names(source.config):
+        out, inp = source.linear_shape(name)
+        specs.append(TensorSpec(f"{name}.weight_packed", torch.uint8, (out, lay.packed_cols(inp)),
+                                lambda name=name: source.ternary(name).to_layout(layout).packed.contiguous()))
         specs.append(TensorSpec(f"{name}.weight_scale", torch.float32, (1,),
-                                lambda weight=weight: weight().scale.reshape(1).float()))
-    for name, p in model.named_parameters():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        if name.endswith(".weight") and name[: -len(".weight")] in linear_owners:
-            continue
-        specs.append(TensorSpec(name, tdtype, tuple(p.shape), lambda p=p: p.detach().to(tdtype)))
+                                lambda name=name: source.ternary(name).scale.reshape(1).float()))
+    for name, shape in source.float_shapes().items():  # converted to tdtype piecewise as they are written
+        specs.append(TensorSpec(name, tdtype, shape, lambda name=name: source.floats(name)))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
               "layout": layout, "dtype": dtype, "tokenizer": None, "meta": meta or {}}
     directory.mkdir(parents=True, exist_ok=True)

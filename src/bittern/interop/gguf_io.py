@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,11 @@ import numpy as np
 import torch
 
 from ..configs import ModelConfig
-from ..model import Transformer
+from ..model import Transformer, check_rope_scaling, rope_inv_freq
 from ..modelfile import ModelFileError, atomic_write
 from ..pack import TernaryWeight
 from ..quant import quantize_weight
-from .assemble import assemble_packed, linear_names
-from .hf import ternary_of
+from .assemble import TensorSource, as_source, assemble_packed, linear_names
 from .safetensors_io import default_permissions
 
 QK_K = 256
@@ -112,6 +112,55 @@ def _pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
     return "default"
 
 
+SPACE = "\u2581"  # SentencePiece's "▁", which stands for a space inside tokens
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _walk(node: Any) -> list[dict[str, Any]]:
+    """A normalizer / pre-tokenizer / decoder and, for a Sequence, its members (flattened)."""
+    if not isinstance(node, dict):
+        return []
+    members = node.get("normalizers") or node.get("pretokenizers") or node.get("decoders") or []
+    return [node] + [m for child in members for m in _walk(child)]
+
+
+def sentencepiece_style(tok_json: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"add_space_prefix": bool}`` for a SentencePiece-style BPE tokenizer.json (Llama-2 / 1bitLLM:
+    spaces written as "▁" by a Metaspace pre-tokenizer or a Replace normalizer), else None."""
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    parts = _walk(tok_json.get("normalizer")) + _walk(tok_json.get("pre_tokenizer"))
+    meta = [n for n in parts if n.get("type") == "Metaspace" and n.get("replacement", SPACE) == SPACE]
+    replaces = [n for n in parts if n.get("type") == "Replace" and n.get("content") == SPACE
+                and (n.get("pattern") or {}).get("String") == " "]
+    if not meta and not replaces:
+        return None
+    prepend = any(n.get("prepend_scheme", "always" if n.get("add_prefix_space", True) else "never") != "never"
+                  for n in meta)
+    prepend |= any(n.get("type") == "Prepend" and n.get("prepend") == SPACE for n in parts)
+    return {"add_space_prefix": prepend}
+
+
+def _spm_scores(tok_json: dict[str, Any], vocab: dict[str, int], special: set[int]) -> dict[int, float]:
+    """SentencePiece-style scores of a BPE vocab: a token made by merge ``r`` scores ``-r`` (llama.cpp's
+    tokenizer merges the adjacent pair whose result scores highest, which replays the merges in order);
+    tokens no merge makes score below every merged one; special and byte tokens 0."""
+    merges = tok_json["model"].get("merges") or []
+    scores: dict[int, float] = {}
+    for rank, m in enumerate(merges):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(left + right)
+        if i is not None and i not in scores:
+            scores[i] = -float(rank)
+    for text, i in vocab.items():
+        if i in special or _BYTE_TOKEN.fullmatch(text):
+            scores[i] = 0.0
+        elif i not in scores:
+            scores[i] = -float(len(merges) + i)
+    return scores
+
+
 def _add_tokenizer(writer: Any, tokenizer_dir: Path, vocab_size: int) -> None:
     gguf = _gguf()
     from ..tokenizer import load_tokenizer
@@ -130,21 +179,43 @@ def _add_tokenizer(writer: Any, tokenizer_dir: Path, vocab_size: int) -> None:
     for text, i in vocab.items():
         tokens[i] = text
         types[i] = gguf.TokenType.NORMAL
+    special = set()
     for added in tok_json.get("added_tokens", []):
         if 0 <= added["id"] < vocab_size:
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+            if added.get("special"):
+                special.add(added["id"])
+    spm = sentencepiece_style(tok_json)
     pre = _pre_tokenizer_name(tok_json)
-    if pre == "default":
-        warnings.warn(f"{tokenizer_dir}: not a byte-level BPE tokenizer (e.g. SentencePiece-style); the GGUF is "
+    if spm is None and pre == "default":
+        warnings.warn(f"{tokenizer_dir}: neither a byte-level BPE nor a SentencePiece-style tokenizer; the GGUF is "
                       "written without a tokenizer")
         writer.add_tokenizer_model("none")
         return
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if spm is not None:
+        # llama.cpp's "llama" (SentencePiece) tokenizer: tokens, scores and types; no merges
+        unk = model.get("unk_token")
+        unk_id = vocab.get(unk) if unk else None
+        if unk_id is not None:
+            types[unk_id] = gguf.TokenType.UNKNOWN
+        if model.get("byte_fallback"):
+            for text, i in vocab.items():
+                if _BYTE_TOKEN.fullmatch(text):
+                    types[i] = gguf.TokenType.BYTE
+        scores = _spm_scores(tok_json, vocab, special | ({unk_id} if unk_id is not None else set()))
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([scores.get(i, -1e9) for i in range(vocab_size)])
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(spm["add_space_prefix"])
+        if unk_id is not None:
+            writer.add_unk_token_id(unk_id)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     if tok.eos_id is not None:
         writer.add_eos_token_id(tok.eos_id)
     if tok.bos_id is not None:
@@ -175,12 +246,61 @@ def _encode_ternary(codes: np.ndarray, gamma: float, qtype: str) -> tuple[np.nda
     return data, qt
 
 
-def save_gguf(model: Transformer, path: str | os.PathLike, weight_type: str = "TQ2_0", float_type: str = "F16",
-              tokenizer_dir: str | os.PathLike | None = None, arch: str | None = None, name: str | None = None) -> Path:
+ROPE_FREQS = "rope_freqs.weight"
+_CHUNK = 1 << 22
+
+
+class _Converting:
+    """A float tensor written to a GGUF in another float dtype, converted piece by piece as it is written
+    (so no converted copy of a large embedding exists whole). GGUFWriter.write_tensor_data only needs
+    ``nbytes`` and ``tofile`` of what it is given."""
+
+    def __init__(self, t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+        self.flat, self.dtype, self.name = t.detach().reshape(-1), dtype, name
+        self.nbytes = self.flat.numel() * torch.empty((), dtype=dtype).element_size()
+
+    def tofile(self, f: Any) -> None:
+        for i in range(0, self.flat.numel(), _CHUNK):
+            part = self.flat[i:i + _CHUNK].to(self.dtype)
+            if not bool(torch.isfinite(part).all()):
+                raise ValueError(f"tensor {self.name!r} overflows {self.dtype} (choose F32)")
+            f.write(memoryview(part.contiguous().numpy()).cast("B"))
+
+
+def _rope_plan(cfg: ModelConfig, arch: str) -> tuple[dict[str, Any], np.ndarray | None]:
+    """llama.cpp's RoPE scaling metadata and, for "llama3" scaling, its ``rope_freqs`` factors.
+
+    llama.cpp divides each RoPE frequency by ``rope_freqs[i]`` (what its converter writes for Llama-3
+    models), and scales positions by ``1/factor`` for ``rope.scaling.type = "linear"``.
+    """
+    scaling = check_rope_scaling(cfg.extra.get("rope_scaling"))
+    if scaling is None:
+        return {}, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        keys: dict[str, Any] = {"type": "linear", "factor": float(scaling["factor"])}
+        if "original_max_position_embeddings" in scaling:
+            keys["original_context_length"] = int(scaling["original_max_position_embeddings"])
+        return keys, None
+    if arch != "llama":
+        warnings.warn(f"llama.cpp's {arch} architecture has no rope_freqs tensor: upstream llama.cpp will run this "
+                      f"model without its {kind!r} RoPE scaling (bittern reads the file back correctly)")
+        return {}, None
+    plain = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+    scaled = rope_inv_freq(cfg.head_dim, cfg.rope_theta, scaling)
+    return {}, (plain / scaled).numpy().astype(np.float32)
+
+
+def save_gguf(model: Transformer | TensorSource, path: str | os.PathLike, weight_type: str = "TQ2_0",
+              float_type: str = "F16", tokenizer_dir: str | os.PathLike | None = None, arch: str | None = None,
+              name: str | None = None) -> Path:
     """Write ``model`` as a GGUF file llama.cpp loads; tensors are encoded and written one at a time.
 
+    ``model`` is a model or a :class:`~bittern.interop.assemble.TensorSource` (streaming conversion).
     ``weight_type`` applies to the ternary linears (TQ2_0, TQ1_0 or F16), ``float_type`` to the
     embeddings and an untied head (norms are always F32, as llama.cpp's converter writes them).
+    HF ``rope_scaling`` is written as llama.cpp expects it: ``rope.scaling.*`` keys for "linear", a
+    ``rope_freqs`` tensor for "llama3" (``llama`` arch only; ``bitnet`` warns).
     """
     gguf = _gguf()
     if weight_type not in WEIGHT_TYPES:
@@ -190,63 +310,50 @@ def save_gguf(model: Transformer, path: str | os.PathLike, weight_type: str = "T
     cfg = model.config
     if cfg.linear != "bitnet":
         raise ValueError("only a BitNet model can be exported to GGUF")
+    source = as_source(model)
     arch = arch or choose_arch(cfg)
     if arch not in ("bitnet", "llama"):
         raise ValueError(f"arch must be 'bitnet' or 'llama', got {arch!r}")
     if arch == "bitnet" and cfg.activation == "relu2":
         warnings.warn("llama.cpp's bitnet architecture runs the FFN with SiLU; this relu2 (2B4T-style) model will "
                       "give different outputs in upstream llama.cpp (bittern reads the file back correctly)")
+    rope_keys, rope_freqs = _rope_plan(cfg, arch)
     path = Path(path)
-    lin = set(linear_names(cfg))
-    params = dict(model.named_parameters())
-    # (gguf name, producer, shape-for-info, numpy dtype, nbytes, raw qtype)
-    plan: list[tuple[str, Any]] = []
     fdt = np.float16 if float_type == "F16" else np.float32
-    for pname, p in params.items():
-        owner = pname[: -len(".weight")]
-        if owner in lin or (pname == "lm_head.weight" and cfg.tie_embeddings):
-            continue
-        is_norm = p.dim() == 1
-        dt = np.float32 if is_norm else fdt
+    # (gguf name, shape for the header, numpy dtype, byte count, raw quant type, producer)
+    plan: list[tuple[str, tuple[int, ...], Any, int, Any, Any]] = []
+    for pname, shape in source.float_shapes().items():
+        dt = np.float32 if len(shape) == 1 else fdt
         tdt = torch.float32 if dt is np.float32 else torch.float16
-        plan.append((gguf_name(pname), lambda p=p, tdt=tdt: p.detach().to(tdt).contiguous().numpy()))
-    scales: dict[str, float] = {}
+
+        def produce_float(pname: str = pname, tdt: torch.dtype = tdt) -> "_Converting":
+            return _Converting(source.floats(pname), tdt, pname)
+        plan.append((gguf_name(pname), shape, dt, int(np.prod(shape)) * np.dtype(dt).itemsize, None, produce_float))
+    if rope_freqs is not None:
+        plan.append((ROPE_FREQS, rope_freqs.shape, np.float32, rope_freqs.nbytes, None, lambda: rope_freqs))
     for lname in linear_names(cfg):
         gname = gguf_name(f"{lname}.weight")
         leaf = lname.split(".")[-1]
         heads = cfg.num_heads if leaf == "q_proj" else cfg.num_kv_heads
+        out, inp = source.linear_shape(lname)
 
-        def produce(lname: str = lname, leaf: str = leaf, heads: int = heads, gname: str = gname) -> np.ndarray:
-            tw = ternary_of(model, lname)
+        def produce(lname: str = lname, leaf: str = leaf, heads: int = heads) -> np.ndarray:
+            tw = source.ternary(lname)
             codes = tw.codes().numpy()
             if arch == "llama" and leaf in ("q_proj", "k_proj"):
                 codes = _permute_rope(codes, heads)
-            scales[gname] = float(tw.scale)
             data, _ = _encode_ternary(codes, float(tw.scale), weight_type)
             return data
-        plan.append((gname, produce))
-    # shapes and sizes must be known before the header is written
-    infos = []
-    for gname, produce in plan:
-        if gname.startswith("blk.") and gname.rsplit(".", 2)[-2] in _PART.values():
-            lname = next(n for n in lin if gguf_name(f"{n}.weight") == gname)
-            m = model.get_submodule(lname)
-            out, inp = m.out_features, m.in_features
-            if weight_type == "F16":
-                infos.append((gname, (out, inp), np.float16, out * inp * 2, None))
-            else:
-                if inp % QK_K:
-                    raise ValueError(f"{lname}: {weight_type} needs rows that are a multiple of {QK_K} long; this "
-                                     f"tensor's rows have {inp} values (use --weight-type F16)")
-                qt = getattr(gguf.GGMLQuantizationType, weight_type)
-                block, type_size = gguf.GGML_QUANT_SIZES[qt]
-                nbytes = out * (inp // block) * type_size
-                infos.append((gname, (out, inp // block * type_size), np.uint8, nbytes, qt))
+        if weight_type == "F16":
+            plan.append((gname, (out, inp), np.float16, out * inp * 2, None, produce))
         else:
-            pname = next(n for n in params if n not in lin and gguf_name(n) == gname)
-            shape = tuple(params[pname].shape)
-            dt = np.float32 if len(shape) == 1 else fdt
-            infos.append((gname, shape, dt, int(np.prod(shape)) * np.dtype(dt).itemsize, None))
+            if inp % QK_K:
+                raise ValueError(f"{lname}: {weight_type} needs rows that are a multiple of {QK_K} long; this "
+                                 f"tensor's rows have {inp} values (use --weight-type F16)")
+            qt = getattr(gguf.GGMLQuantizationType, weight_type)
+            block, type_size = gguf.GGML_QUANT_SIZES[qt]
+            plan.append((gname, (out, inp // block * type_size), np.uint8, out * (inp // block) * type_size, qt,
+                         produce))
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -259,6 +366,11 @@ def save_gguf(model: Transformer, path: str | os.PathLike, weight_type: str = "T
         writer.add_head_count_kv(cfg.num_kv_heads)
         writer.add_rope_freq_base(cfg.rope_theta)
         writer.add_rope_dimension_count(cfg.head_dim)
+        if rope_keys:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope_keys["factor"])
+            if "original_context_length" in rope_keys:
+                writer.add_rope_scaling_orig_ctx_len(rope_keys["original_context_length"])
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
         writer.add_vocab_size(cfg.vocab_size)
         ftype = {"TQ2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "TQ1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
@@ -273,18 +385,18 @@ def save_gguf(model: Transformer, path: str | os.PathLike, weight_type: str = "T
         else:
             writer.add_tokenizer_model("none")
         for lname in linear_names(cfg):
-            gname = gguf_name(f"{lname}.weight")
-            writer.add_float32(f"bittern.scale.{gname}", float(ternary_of(model, lname).scale))
-        for gname, shape, dt, nbytes, qt in infos:
+            writer.add_float32(f"bittern.scale.{gguf_name(lname + '.weight')}", source.scale(lname))
+        for gname, shape, dt, nbytes, qt, _ in plan:
             writer.add_tensor_info(gname, shape, np.dtype(dt), nbytes, raw_dtype=qt)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (gname, produce), info in zip(plan, infos):
+        for gname, _, _, nbytes, _, produce in plan:
             data = produce()
-            if data.nbytes != info[3]:
-                raise ValueError(f"{gname}: encoded {data.nbytes} bytes, announced {info[3]}")
+            if data.nbytes != nbytes:
+                raise ValueError(f"{gname}: encoded {data.nbytes} bytes, announced {nbytes}")
             writer.write_tensor_data(data)
+            del data
         writer.close()
         default_permissions(tmp)
 
@@ -393,11 +505,34 @@ def _config_from_fields(g: GGUFFile) -> ModelConfig:
             tie_embeddings=arch == "bitnet" or "output.weight" not in g.tensors,
             name=str(g.field("general.name", arch)),
         )
+        scaling = _rope_scaling_from_fields(g, arch)
+        if scaling is not None:
+            cfg = cfg.replace(extra={"rope_scaling": scaling})
     except KeyError as e:
         raise ModelFileError(f"{g.path}: missing tensor {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{g.path}: missing or invalid {arch} metadata ({e})") from None
     return cfg
+
+
+def _rope_scaling_from_fields(g: GGUFFile, arch: str) -> dict[str, Any] | None:
+    """HF-style ``rope_scaling`` of a foreign GGUF's ``rope.scaling.*`` keys (None when unscaled)."""
+    kind = g.field(f"{arch}.rope.scaling.type", "none")
+    if ROPE_FREQS in g.tensors:
+        raise ModelFileError(f"{g.path}: a {ROPE_FREQS!r} tensor (per-frequency RoPE factors, e.g. Llama-3 scaling) "
+                             "is only read from GGUFs that bittern wrote; convert the Hugging Face checkpoint instead")
+    if kind in ("none", None):
+        return None
+    if kind != "linear":
+        raise ModelFileError(f"{g.path}: RoPE scaling type {kind!r} is not supported (only linear)")
+    scaling: dict[str, Any] = {"rope_type": "linear", "factor": float(g.field(f"{arch}.rope.scaling.factor", 1.0))}
+    orig = g.field(f"{arch}.rope.scaling.original_context_length")
+    if orig is not None:
+        scaling["original_max_position_embeddings"] = int(orig)
+    try:
+        return check_rope_scaling(scaling)
+    except ValueError as e:
+        raise ModelFileError(f"{g.path}: {e}") from None
 
 
 def _ternary_from_array(w: np.ndarray, exact_scale: float | None, where: str) -> TernaryWeight:
@@ -441,7 +576,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32
         w, _ = g.array(gname)
         return torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
 
-    known = {gguf_name(n) for n in _all_param_names(cfg)}
+    known = {gguf_name(n) for n in _all_param_names(cfg)} | {ROPE_FREQS}  # rope_freqs: already in cfg.extra
     extra = [n for n in g.tensors if n not in known]
     if extra:
         raise ModelFileError(f"{where}: tensors that do not match the config: {sorted(extra)[:5]}")
@@ -453,14 +588,80 @@ def _all_param_names(cfg: ModelConfig) -> list[str]:
     return [f"{n}.weight" for n in linear_names(cfg)] + list(float_param_shapes(cfg))
 
 
+def _sentencepiece_tokenizer(g: GGUFFile):
+    """A ``tokenizers`` BPE equivalent to llama.cpp's "llama" (SentencePiece) tokenizer of a GGUF.
+
+    llama.cpp repeatedly merges the adjacent pair whose concatenation is the highest-scoring token; the
+    same merges, ranked by that score, make a BPE model that tokenizes identically (this is how
+    transformers converts SentencePiece BPE models too). Spaces become "▁" (plus one in front with
+    ``add_space_prefix``); ``<0xXX>`` byte tokens give byte fallback for characters not in the vocab.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import AddedToken, decoders, models, normalizers
+
+    from ..tokenizer import Tokenizer
+
+    tokens = [str(t) for t in (g.field("tokenizer.ggml.tokens") or [])]
+    if not tokens:
+        raise ModelFileError(f"{g.path}: tokenizer.ggml.model is 'llama' but there are no tokens")
+    scores = [float(x) for x in (g.field("tokenizer.ggml.scores") or [0.0] * len(tokens))]
+    types = [int(t) for t in (g.field("tokenizer.ggml.token_type") or [1] * len(tokens))]
+    if len(scores) != len(tokens) or len(types) != len(tokens):
+        raise ModelFileError(f"{g.path}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types")
+    vocab: dict[str, int] = {}
+    special, user = [], []
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty == 5 or t in vocab:  # UNUSED padding rows
+            continue
+        vocab[t] = i
+        if ty == 3:
+            special.append(t)
+        elif ty == 4:
+            user.append(t)
+    mergeable = {t: i for t, i in vocab.items() if types[i] == 1}  # NORMAL: no byte, control or unknown pieces
+    candidates = []
+    for t, i in mergeable.items():
+        if types[i] != 1:
+            continue
+        for cut in range(1, len(t)):
+            left, right = t[:cut], t[cut:]
+            if left in mergeable and right in mergeable:
+                candidates.append((-scores[i], i, vocab[left], vocab[right], left, right))
+    candidates.sort()
+    merges = [(c[4], c[5]) for c in candidates]
+    unk_id = g.field("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    has_bytes = any(ty == 6 for ty in types)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=has_bytes,
+                                fuse_unk=True))
+    prefix = bool(g.field("tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", SPACE)
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if prefix else replace
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    if special:
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    if user:
+        hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    def tok_at(key: str) -> str | None:
+        i = g.field(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+    return Tokenizer(hf, tok_at("tokenizer.ggml.eos_token_id"), tok_at("tokenizer.ggml.bos_token_id"),
+                     g.field("tokenizer.chat_template"))
+
+
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """A :class:`~bittern.tokenizer.Tokenizer` rebuilt from a GGUF's ``gpt2`` (byte-level BPE) vocab, or None."""
+    """A :class:`~bittern.tokenizer.Tokenizer` rebuilt from a GGUF's vocab (``gpt2`` byte-level BPE or
+    ``llama`` SentencePiece), or None when it has none."""
     g = GGUFFile(path)
     kind = g.field("tokenizer.ggml.model")
     if kind in (None, "none", "no_vocab"):
         return None
+    if kind == "llama":
+        return _sentencepiece_tokenizer(g)
     if kind != "gpt2":
-        warnings.warn(f"{path}: tokenizer type {kind!r} is not rebuilt (only gpt2-style BPE); no tokenizer")
+        warnings.warn(f"{path}: tokenizer type {kind!r} is not rebuilt (only gpt2 and llama); no tokenizer")
         return None
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import AddedToken, decoders, models, pre_tokenizers

@@ -28,12 +28,11 @@ from typing import Any
 import torch
 
 from ..configs import ModelConfig
-from ..layers import BitLinear, PackedLinear
-from ..model import Transformer
+from ..model import Transformer, check_rope_scaling
 from ..modelfile import ModelFileError, atomic_write
 from ..pack import TernaryWeight
-from ..quant import quantize_weight
-from .assemble import assemble_packed, check_sizes, linear_names
+from ..quant import quantize_weight, weight_scale
+from .assemble import ModelSource, StreamingSource, TensorSource, as_source, assemble_packed, check_sizes, linear_names
 from .safetensors_io import CheckpointTensors, TensorSpec, default_permissions, write_safetensors_streaming
 
 HF_CONFIG = "config.json"
@@ -140,12 +139,16 @@ def hf_model_config(hf: dict[str, Any], where: str = "config.json", has_subnorms
         raise ModelFileError(f"{where}: invalid config ({e})") from None
 
 
-def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+def _rope_scaling(hf: dict[str, Any], where: str = HF_CONFIG) -> dict[str, Any] | None:
+    """The config's RoPE scaling (``rope_scaling``, or transformers 5's ``rope_parameters``), checked; None
+    for plain RoPE."""
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
-    if not isinstance(scaling, dict):
+    if scaling is None:
         return None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    return None if kind == "default" else scaling
+    try:
+        return check_rope_scaling(scaling)
+    except ValueError as e:
+        raise ModelFileError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- import
@@ -156,26 +159,19 @@ def _hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else f"model.{name}"
 
 
-def _decode_linear(src: CheckpointTensors, name: str, out: int, inp: int, quant: dict[str, Any] | None) -> TernaryWeight:
+def _decode_linear(src: CheckpointTensors, name: str, out: int, inp: int, quant: dict[str, Any] | None,
+                   streaming: bool = False) -> TernaryWeight:
+    read = src.load if streaming else src.get
     key = f"model.{name}.weight"
-    w = src.get(key)
-    scale_key = f"model.{name}.weight_scale"
-    scale = src.get(scale_key).float().reshape(-1) if scale_key in src else None
+    w = read(key)
+    gamma = _stored_gamma(src, name, quant, read)
     where = f"{src.directory}: {key}"
-    inverse = quant is None or quant["linear_class"] == "bitlinear"
-    if scale is not None:
-        if scale.numel() != 1:
-            raise ModelFileError(f"{where}: weight_scale has {scale.numel()} values, expected one per tensor")
-        s = float(scale[0].double())
-        if not (s > 0 and s != float("inf")):
-            raise ModelFileError(f"{where}: weight_scale {s} is not positive and finite")
-        gamma = torch.tensor(1.0 / s if inverse else s, dtype=torch.float64).float()
     if w.dtype == torch.uint8:
         if tuple(w.shape) != (out // 4, inp) or out % 4:
             raise ModelFileError(f"{where}: packed shape {tuple(w.shape)}, the config expects ({out // 4}, {inp}) "
                                  f"for a ({out}, {inp}) weight")
-        if scale is None:
-            raise ModelFileError(f"{where}: packed weight without {scale_key!r}")
+        if gamma is None:
+            raise ModelFileError(f"{where}: packed weight without 'model.{name}.weight_scale'")
         fields = w & 0x55 & (w >> 1)  # a field holding 3 has both bits set
         if bool(fields.any()):
             raise ModelFileError(f"{where}: corrupt packed weight (a 2-bit field holds 3; only 0, 1, 2 are valid)")
@@ -184,7 +180,7 @@ def _decode_linear(src: CheckpointTensors, name: str, out: int, inp: int, quant:
         raise ModelFileError(f"{where}: dtype {w.dtype} is neither packed uint8 nor float")
     if tuple(w.shape) != (out, inp):
         raise ModelFileError(f"{where}: shape {tuple(w.shape)}, the config expects ({out}, {inp})")
-    if scale is not None:
+    if gamma is not None:
         codes = w.float()
         if not bool(((codes == -1) | (codes == 0) | (codes == 1)).all()):
             raise ModelFileError(f"{where}: a weight with weight_scale must hold only -1, 0, 1")
@@ -194,6 +190,33 @@ def _decode_linear(src: CheckpointTensors, name: str, out: int, inp: int, quant:
     except ValueError as e:
         raise ModelFileError(f"{where}: {e}") from None
     return TernaryWeight.from_codes(codes, g)
+
+
+def _stored_gamma(src: CheckpointTensors, name: str, quant: dict[str, Any] | None, read) -> torch.Tensor | None:
+    """gamma from linear ``name``'s ``weight_scale`` (per the config's convention), or None without one."""
+    scale_key = f"model.{name}.weight_scale"
+    if scale_key not in src:
+        return None
+    scale = read(scale_key).float().reshape(-1)
+    where = f"{src.directory}: model.{name}.weight"
+    if scale.numel() != 1:
+        raise ModelFileError(f"{where}: weight_scale has {scale.numel()} values, expected one per tensor")
+    s = float(scale[0].double())
+    if not (s > 0 and s != float("inf")):
+        raise ModelFileError(f"{where}: weight_scale {s} is not positive and finite")
+    inverse = quant is None or quant["linear_class"] == "bitlinear"
+    return torch.tensor(1.0 / s if inverse else s, dtype=torch.float64).float()
+
+
+def _linear_gamma(src: CheckpointTensors, name: str, quant: dict[str, Any] | None) -> float:
+    """gamma of linear ``name`` without decoding its codes: the stored scale, or the absmean of latent weights."""
+    gamma = _stored_gamma(src, name, quant, src.load)
+    if gamma is not None:
+        return float(gamma)
+    w = src.load(f"model.{name}.weight")
+    if not w.is_floating_point():
+        raise ModelFileError(f"{src.directory}: model.{name}.weight: dtype {w.dtype} without a weight_scale")
+    return float(weight_scale(w))
 
 
 def _inspect(directory: Path) -> tuple[dict[str, Any], CheckpointTensors, ModelConfig, dict[str, Any] | None]:
@@ -211,7 +234,9 @@ def _inspect(directory: Path) -> tuple[dict[str, Any], CheckpointTensors, ModelC
     return hf, src, cfg, quant
 
 
-def _float_getter(src: CheckpointTensors):
+def _float_getter(src: CheckpointTensors, streaming: bool = False):
+    read = src.load if streaming else src.get
+
     def floats(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         key = _hf_name(name)
         if key not in src:
@@ -221,15 +246,13 @@ def _float_getter(src: CheckpointTensors):
                     break
         if name == "lm_head.weight" and key not in src:
             raise ModelFileError(f"{src.directory}: lm_head.weight is missing and tie_word_embeddings is false")
-        return src.get(key)
+        return read(key)
     return floats
 
 
-def load_hf(directory: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> Transformer:
-    """A frozen packed model from a local Hugging Face checkpoint directory (see the module docstring)."""
-    directory = Path(directory)
+def _prepare(directory: Path) -> tuple[CheckpointTensors, ModelConfig, dict[str, Any] | None]:
     hf, src, cfg, quant = _inspect(directory)
-    scaling = _rope_scaling(hf)
+    scaling = _rope_scaling(hf, str(directory / HF_CONFIG))
     if scaling:
         cfg = cfg.replace(extra={**cfg.extra, "rope_scaling": scaling})
     if quant is not None and quant["quantization_mode"] == "online":
@@ -238,9 +261,24 @@ def load_hf(directory: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     unknown = [n for n in src.names() if n.endswith(".weight") and ("_proj." in n) and n not in expected]
     if unknown:
         raise ModelFileError(f"{directory}: tensors not in the config's {cfg.num_layers} layers: {unknown[:3]}")
-    model = assemble_packed(cfg, lambda n, o, i: _decode_linear(src, n, o, i, quant), _float_getter(src),
-                            str(directory), dtype, scaling)
-    return model
+    return src, cfg, quant
+
+
+def load_hf(directory: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> Transformer:
+    """A frozen packed model from a local Hugging Face checkpoint directory (see the module docstring)."""
+    directory = Path(directory)
+    src, cfg, quant = _prepare(directory)
+    return assemble_packed(cfg, lambda n, o, i: _decode_linear(src, n, o, i, quant), _float_getter(src),
+                           str(directory), dtype)
+
+
+def hf_source(directory: str | os.PathLike) -> StreamingSource:
+    """A Hugging Face checkpoint as a :class:`~bittern.interop.assemble.StreamingSource`: every tensor is
+    read from disk, decoded and checked when a writer asks for it, and not kept (streaming conversion)."""
+    directory = Path(directory)
+    src, cfg, quant = _prepare(directory)
+    return StreamingSource(cfg, lambda n, o, i: _decode_linear(src, n, o, i, quant, streaming=True),
+                           _float_getter(src, streaming=True), str(directory), lambda n: _linear_gamma(src, n, quant))
 
 
 def load_hf_latent(directory: str | os.PathLike) -> Transformer:
@@ -290,6 +328,9 @@ def hf_config_of(config: ModelConfig, dtype: str, linear_class: str = "bitlinear
                                 "quantization_mode": "offline", "modules_to_not_convert": None,
                                 "use_rms_norm": False},
     }
+    scaling = check_rope_scaling(config.extra.get("rope_scaling"))
+    if scaling is not None:
+        cfg["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
     if bos_id is not None:
         cfg["bos_token_id"] = bos_id
     if eos_id is not None:
@@ -299,18 +340,14 @@ def hf_config_of(config: ModelConfig, dtype: str, linear_class: str = "bitlinear
 
 def ternary_of(model: Transformer, name: str) -> TernaryWeight:
     """The packed ternary weight of linear ``name`` (quantising a latent BitLinear weight if needed)."""
-    m = model.get_submodule(name)
-    if isinstance(m, PackedLinear):
-        return m.ternary
-    if isinstance(m, BitLinear):
-        return TernaryWeight.from_float(m.weight.detach().float())
-    raise ValueError(f"{name} is not a ternary linear layer")
+    return ModelSource(model).ternary(name)
 
 
-def save_hf(model: Transformer, directory: str | os.PathLike, dtype: str = "bfloat16", linear_class: str = "bitlinear",
-            tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def save_hf(model: Transformer | TensorSource, directory: str | os.PathLike, dtype: str = "bfloat16",
+            linear_class: str = "bitlinear", tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint that transformers loads (``BitNetForCausalLM`` or
-    ``LlamaForCausalLM`` with a BitNet quantization_config). Tensors are written one at a time.
+    ``LlamaForCausalLM`` with a BitNet quantization_config). Tensors are written one at a time;
+    ``model`` may be a :class:`~bittern.interop.assemble.TensorSource` (streaming conversion).
 
     ``weight_scale`` is stored in float32 whatever ``dtype`` is, so bittern reads back the exact scale
     (transformers casts it to the model dtype when loading). With ``linear_class="bitlinear"`` the
@@ -319,6 +356,7 @@ def save_hf(model: Transformer, directory: str | os.PathLike, dtype: str = "bflo
     """
     if model.config.linear != "bitnet":
         raise ValueError("only a BitNet model can be exported")
+    source = as_source(model)
     if linear_class not in ("bitlinear", "autobitlinear"):
         raise ValueError("linear_class must be 'bitlinear' or 'autobitlinear'")
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
@@ -333,23 +371,18 @@ def save_hf(model: Transformer, directory: str | os.PathLike, dtype: str = "bflo
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     specs: list[TensorSpec] = []
-    params = dict(model.named_parameters())
-    lin = set(linear_names(cfg))
-    for name, p in params.items():
-        owner = name[: -len(".weight")] if name.endswith(".weight") else None
-        if owner in lin or (name == "lm_head.weight" and cfg.tie_embeddings):
-            continue
-        specs.append(TensorSpec(_hf_name(name), torch_dtype, tuple(p.shape),
-                                lambda p=p: p.detach().to(torch_dtype)))
+    for name, shape in source.float_shapes().items():
+        specs.append(TensorSpec(_hf_name(name), torch_dtype, shape,
+                                lambda name=name: source.floats(name)))  # converted as written
     for name in linear_names(cfg):
-        out, inp = model.get_submodule(name).out_features, model.get_submodule(name).in_features
+        out, inp = source.linear_shape(name)
         if out % 4:
             raise ValueError(f"{name}: out_features {out} is not divisible by 4 (transformers' packing)")
         specs.append(TensorSpec(f"model.{name}.weight", torch.uint8, (out // 4, inp),
-                                lambda name=name: pack_hf_weight(ternary_of(model, name).codes())))
+                                lambda name=name: pack_hf_weight(source.ternary(name).codes())))
 
         def scale(name: str = name) -> torch.Tensor:
-            g = float(ternary_of(model, name).scale)
+            g = source.scale(name)
             value = 1.0 / g if linear_class == "bitlinear" else g
             return torch.tensor([value], dtype=torch.float64).float()
         specs.append(TensorSpec(f"model.{name}.weight_scale", torch.float32, (1,), scale))
@@ -370,6 +403,10 @@ def load_tokenizer_if_any(directory: str | os.PathLike):
     """The :class:`~bittern.tokenizer.Tokenizer` in ``directory`` (tokenizer.json), or None."""
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file():
+        if (directory / "tokenizer.model").is_file():
+            warnings.warn(f"{directory}: only a SentencePiece tokenizer.model, which bittern does not read; write a "
+                          "tokenizer.json with transformers (AutoTokenizer.from_pretrained(d).save_pretrained(d)) "
+                          "to keep the tokenizer")
         return None
     from ..tokenizer import load_tokenizer
     try:

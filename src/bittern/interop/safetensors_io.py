@@ -25,6 +25,7 @@ from ..modelfile import ModelFileError, atomic_write, read_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_CHUNK = 1 << 22  # values per piece when a float tensor is converted while being written
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -68,6 +69,7 @@ class CheckpointTensors:
             tensors, _ = read_safetensors(single)
             self._shards[single.name] = tensors
             self._where = {name: single.name for name in tensors}
+        self._layouts: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]] = {}
 
     def names(self) -> list[str]:
         """All tensor names, in the checkpoint's order."""
@@ -90,9 +92,53 @@ class CheckpointTensors:
         return tensors[name]
 
 
+    def load(self, name: str) -> torch.Tensor:
+        """A private copy of tensor ``name``, read from the file (for streaming conversion).
+
+        Unlike :meth:`get` nothing stays mapped: once the caller drops the tensor its memory is freed,
+        so reading a whole checkpoint this way holds one tensor at a time, not the file's pages.
+        """
+        view = self.get(name)  # validates the shard's header and the entry (touches no data)
+        shard = self._where[name]
+        if shard not in self._layouts:
+            self._layouts[shard] = _layout(self.directory / shard)
+        dtype, shape, offset, nbytes = self._layouts[shard][name]
+        if (dtype, shape) != (view.dtype, tuple(view.shape)):
+            raise ModelFileError(f"{self.directory / shard}: tensor {name!r} changed while being read")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            with open(self.directory / shard, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(memoryview(buf.numpy()))
+            if got != nbytes:
+                raise ModelFileError(f"{self.directory / shard}: tensor {name!r} is truncated "
+                                     f"({got} of {nbytes} bytes)")
+        return buf.view(dtype).reshape(shape)
+
+
+def _layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, absolute byte offset, byte count) of a safetensors file already validated
+    by :func:`~bittern.modelfile.read_safetensors`."""
+    from ..modelfile import _DTYPES
+
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        begin, end = (int(o) for o in info["data_offsets"])
+        out[name] = (_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]), 8 + header_len + begin, end - begin)
+    return out
+
+
 @dataclass
 class TensorSpec:
-    """One tensor to write: its name, dtype, shape and a function producing it when its turn comes."""
+    """One tensor to write: its name, dtype, shape and a function producing it when its turn comes.
+
+    A float tensor may be produced in another float dtype: it is converted piece by piece as it is
+    written (an overflow to Inf is an error).
+    """
 
     name: str
     dtype: torch.dtype
@@ -132,12 +178,21 @@ def _write_streaming(path: Path, specs: list[TensorSpec], metadata: dict[str, st
         f.write(raw)
         for spec in specs:
             t = spec.produce()
-            if t.dtype != spec.dtype or tuple(t.shape) != tuple(spec.shape):
+            converts = t.dtype != spec.dtype and t.is_floating_point() and spec.dtype.is_floating_point
+            if (t.dtype != spec.dtype and not converts) or tuple(t.shape) != tuple(spec.shape):
                 raise ValueError(f"tensor {spec.name!r}: produced {t.dtype} {tuple(t.shape)}, "
                                  f"announced {spec.dtype} {spec.shape}")
-            data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
-            del t, data
+            flat = t.detach().cpu().reshape(-1)
+            step = _CHUNK if converts else max(flat.numel(), 1)
+            for i in range(0, flat.numel(), step):
+                part = flat[i:i + step]
+                if converts:  # piecewise, so a converted copy of a large tensor never exists whole
+                    part = part.to(spec.dtype)
+                    if not bool(torch.isfinite(part).all()):
+                        raise ValueError(f"tensor {spec.name!r} overflows {spec.dtype} (choose a wider dtype)")
+                f.write(memoryview(part.contiguous().view(torch.uint8).numpy()))
+                del part
+            del t, flat
     default_permissions(path)
 
 
