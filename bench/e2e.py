@@ -131,8 +131,11 @@ def _profile(m, kv: str, prompt: int, steps: int = 16, clock=time.perf_counter) 
     C = load_head_kernel()
     cfg = m.config
     h, f = cfg.hidden_size, cfg.intermediate_size
-    dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[cache.k.dtype]
+    dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}[cache.k.dtype]
     plane = m.KVH * cache.max_len * m.hd * cache.k.element_size()
+    splane = m.KVH * cache.max_len * 4
+    scales = (lambda i: (cache.k_scale.data_ptr() + i * splane, cache.v_scale.data_ptr() + i * splane)) if cache.quantized \
+        else (lambda i: (None, None))
     xp, xnp, attnp, op, gup = fb.x.data_ptr(), fb.xn.data_ptr(), fb.attn.data_ptr(), fb.o.data_ptr(), fb.gu.data_ptr()
     saved = fb.x.clone(), fb.gu.clone()
 
@@ -140,7 +143,8 @@ def _profile(m, kv: str, prompt: int, steps: int = 16, clock=time.perf_counter) 
         for i, L in enumerate(m.layers):
             C.norm_quant(xp, None, L.attn_norm.data_ptr(), m.eps, 1, h, xnp, qh, ldh, sp, rsp)
             C.attend(fb.qkv.data_ptr(), m.H, m.KVH, m.hd, pos, m.cos.data_ptr() + pos * m.hd * 4, m.sin.data_ptr() + pos * m.hd * 4,
-                     cache.k.data_ptr() + i * plane, cache.v.data_ptr() + i * plane, dt, cache.max_len, attnp, fb.scores.data_ptr())
+                     cache.k.data_ptr() + i * plane, cache.v.data_ptr() + i * plane, *scales(i), dt, cache.max_len, attnp,
+                     fb.scores.data_ptr())
             C.norm_quant(attnp, None, L.attn_sub_norm.data_ptr() if L.attn_sub_norm is not None else None, m.eps, 1, h, None, qh, ldh, sp, rsp)
             C.norm_quant(xp, None, L.ffn_norm.data_ptr(), m.eps, 1, h, xnp, qh, ldh, sp, rsp)
             C.act_quant(gup, 1, f, 0 if cfg.activation == "swiglu" else 1,

@@ -96,7 +96,7 @@ def _attend(isa: str, qkv: torch.Tensor, H: int, KVH: int, hd: int, pos: int, co
     dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[kv_dtype]
     with native.using(isa, 1):
         rc = kern.attend(qkv.data_ptr(), H, KVH, hd, pos, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
-                         dt, max_len, out.data_ptr(), scores.data_ptr())
+                         None, None, dt, max_len, out.data_ptr(), scores.data_ptr())
     assert rc == 0
     return out, kc, vc
 
@@ -135,7 +135,40 @@ def test_attend_rejects_bad_arguments() -> None:
     kern = load_head_kernel()
     buf = torch.zeros(64)
     p = buf.data_ptr()
-    assert kern.attend(p, 3, 2, 8, 0, p, p, p, p, 0, 4, p, p) == -1  # heads not a multiple of KV heads
-    assert kern.attend(p, 2, 2, 8, 4, p, p, p, p, 0, 4, p, p) == -1  # position past the cache
+    assert kern.attend(p, 3, 2, 8, 0, p, p, p, p, None, None, 0, 4, p, p) == -1  # heads not a multiple of KV heads
+    assert kern.attend(p, 2, 2, 8, 4, p, p, p, p, None, None, 0, 4, p, p) == -1  # position past the cache
+    assert kern.attend(p, 2, 2, 8, 0, p, p, p, p, None, None, 3, 4, p, p) == -1  # int8 cache without scales
     assert isinstance(kern.lib.bt_head_row_bytes(7, 10), int) and kern.lib.bt_head_row_bytes(7, 10) == -2
     assert ctypes.c_int64(kern.lib.bt_head_row_bytes(1, 129)).value == 192
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_kv_cache_decode_matches_the_torch_path(isa: str) -> None:
+    """The C decode path with an int8 cache stores the same codes and scales as the torch path and gives close logits."""
+    from bittern.configs import get_config
+    from bittern.engine import EngineModel
+    from bittern.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny-2b4t")).freeze("2bit").requires_grad_(False)
+    em = EngineModel.from_transformer(model, head="f32")
+    assert em.use_fast_path
+    prompt, steps = list(range(3, 12)), [5, 9, 2, 7]
+    outs, caches = [], []
+    with native.using(isa, 1):
+        for fast in (True, False):
+            em.use_fast_path = fast
+            cache = em.new_cache(1, 32, "int8")
+            em.prefill(prompt, cache)
+            logits = [em.decode([t], cache, [0], [len(prompt) + j]).clone() for j, t in enumerate(steps)]
+            outs.append(torch.cat(logits))
+            caches.append(cache)
+    em.use_fast_path = True
+    end = len(prompt) + len(steps)
+    fast_c, torch_c = caches
+    # the first decoded position sees identical inputs on both paths: codes and scales match exactly
+    p0 = len(prompt)
+    assert torch.equal(fast_c.k[0, 0, :, p0], torch_c.k[0, 0, :, p0])
+    assert torch.allclose(fast_c.k_scale[0, 0, :, p0], torch_c.k_scale[0, 0, :, p0], rtol=1e-6, atol=0)
+    assert (fast_c.k[:, 0, :, :end] != 0).any()
+    assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3 * outs[1].abs().max().item())

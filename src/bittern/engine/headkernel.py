@@ -38,7 +38,7 @@ class HeadKernel:
         for name, (res, args) in {
             "bt_eng_norm_quant": (i32, [vp, vp, vp, f32, i64, i64, vp, vp, i64, vp, vp]),
             "bt_eng_act_quant": (i32, [vp, i64, i64, i32, vp, f32, vp, i64, vp, vp]),
-            "bt_eng_attend": (i32, [vp, i64, i64, i64, i64, vp, vp, vp, vp, i32, i64, vp, vp]),
+            "bt_eng_attend": (i32, [vp, i64, i64, i64, i64, vp, vp, vp, vp, vp, vp, i32, i64, vp, vp]),
             "bt_head_row_bytes": (i64, [i32, i64]),
             "bt_head_quantize": (i32, [vp, i32, i64, i64, i32, vp, vp, i32]),
             "bt_head_matmul": (i32, [i32, vp, vp, i64, i64, vp, i64, vp, vp, i64, vp, i64]),

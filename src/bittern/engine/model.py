@@ -78,7 +78,7 @@ class _FastBuffers:
         self.plan: list[tuple] | None = None
 
 
-_KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
 
 class EngineModel:
@@ -301,7 +301,7 @@ class EngineModel:
         for p in positions:
             if p + 1 > cache.max_len:
                 raise ValueError(f"sequence of {p + 1} tokens exceeds the cache length {cache.max_len}")
-        if self.use_fast_path and not cache.quantized:
+        if self.use_fast_path:
             return self._decode_fast(tokens, cache, slots, positions)
         return self._decode_torch(tokens, cache, slots, positions)
 
@@ -324,6 +324,8 @@ class EngineModel:
         max_len, slots_n = cache.max_len, cache.slots
         plane = KVH * max_len * hd * es
         kbase, vbase = cache.k.data_ptr(), cache.v.data_ptr()
+        splane = KVH * max_len * 4  # int8 cache: one float32 scale per cached row
+        ksbase, vsbase = (cache.k_scale.data_ptr(), cache.v_scale.data_ptr()) if cache.quantized else (0, 0)
         cbase, sbase = self.cos.data_ptr(), self.sin.data_ptr()
         row_qkv = (h + 2 * cfg.kv_dim) * 4
         scores = fb.scores.data_ptr()
@@ -336,9 +338,10 @@ class EngineModel:
                 mm(*a)
             for b in range(B):
                 p = positions[b]
-                off = (i * slots_n + slots[b]) * plane
-                attend(qkvp + b * row_qkv, H, KVH, hd, p, cbase + p * hd * 4, sbase + p * hd * 4, kbase + off,
-                       vbase + off, dt, max_len, attnp + b * h * 4, scores)
+                plane_i = i * slots_n + slots[b]
+                ks = (ksbase + plane_i * splane, vsbase + plane_i * splane) if ksbase else (None, None)
+                attend(qkvp + b * row_qkv, H, KVH, hd, p, cbase + p * hd * 4, sbase + p * hd * 4, kbase + plane_i * plane,
+                       vbase + plane_i * plane, *ks, dt, max_len, attnp + b * h * 4, scores)
             norm_quant(*nq2)
             for a in mm_o:
                 mm(*a)

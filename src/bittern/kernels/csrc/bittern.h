@@ -109,7 +109,8 @@ BT_API int bt_head_matmul(int fmt, const uint8_t *w, const float *scale, int64_t
 BT_API int bt_head_rows(int fmt, const uint8_t *w, const float *scale, int64_t rows, int64_t K, const int64_t *ids,
                         int64_t n, float *out);
 
-/* Decode glue, one call per step (T rows). KV dtypes: 0 float32, 1 float16, 2 bfloat16.
+/* Decode glue, one call per step (T rows). KV dtypes: 0 float32, 1 float16, 2 bfloat16, 3 int8 (codes
+ * with one float scale per cached row: max|x| / 127, in ks / vs [KVH, max_len]).
  * x[t] += delta[t] (if delta); y = rmsnorm(x[t]) * w (if w); (q, s, rowsum) = quant(y) (if q). */
 BT_API int bt_eng_norm_quant(float *x, const float *delta, const float *w, float eps, int64_t T, int64_t K,
                              float *y_out, int8_t *q, int64_t ldq, float *s, int32_t *rowsum);
@@ -117,9 +118,11 @@ BT_API int bt_eng_norm_quant(float *x, const float *delta, const float *w, float
 BT_API int bt_eng_act_quant(float *gu, int64_t T, int64_t F, int act, const float *w, float eps, int8_t *q,
                             int64_t ldq, float *s, int32_t *rowsum);
 /* One token: RoPE on q and k of qkv [H*hd | KVH*hd | KVH*hd] at pos, store k and v in the layer's cache
- * planes kc, vc [KVH, max_len, hd], attend over positions 0..pos into out [H*hd]; scores: pos+1 floats. */
+ * planes kc, vc [KVH, max_len, hd] (and ks, vs for int8; else NULL), attend over positions 0..pos into
+ * out [H*hd]; scores: pos+1 floats of scratch. */
 BT_API int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos,
-                         const float *sin, void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores);
+                         const float *sin, void *kc, void *vc, float *ks, float *vs, int dt, int64_t max_len,
+                         float *out, float *scores);
 
 #ifdef __cplusplus
 }

@@ -30,7 +30,9 @@
 #define BT_ENGINE_X86 1
 #endif
 
-enum { BT_KV_F32 = 0, BT_KV_F16 = 1, BT_KV_BF16 = 2 };
+enum { BT_KV_F32 = 0, BT_KV_F16 = 1, BT_KV_BF16 = 2, BT_KV_I8 = 3 };
+
+static inline size_t kv_elem_size(int dt) { return dt == BT_KV_F32 ? 4 : dt == BT_KV_I8 ? 1 : 2; }
 
 /* float32 -> IEEE half, round to nearest even (as _cvtss_sh and torch) */
 static uint16_t bt_float_to_half(float f) {
@@ -97,15 +99,16 @@ int bt_eng_act_quant(float *gu, int64_t T, int64_t F, int act, const float *w, f
 }
 
 int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos, const float *sin,
-                  void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores) {
-    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || pos < 0 || pos >= max_len || dt < 0 || dt > 2) return -1;
+                  void *kc, void *vc, float *ks, float *vs, int dt, int64_t max_len, float *out, float *scores) {
+    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || pos < 0 || pos >= max_len || dt < 0 || dt > 3) return -1;
+    if (dt == BT_KV_I8 && (!ks || !vs)) return -1;
 #ifdef BT_ENGINE_X86
     if (use_avx2()) {
-        attend_avx2(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+        attend_avx2(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
         return 0;
     }
 #endif
-    attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+    attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
     return 0;
 }
 

@@ -14,6 +14,7 @@
 
 GLUE_INL(float load_kv)(const void *base, int dt, int64_t i) {
     if (dt == BT_KV_F32) return ((const float *)base)[i];
+    if (dt == BT_KV_I8) return (float)((const int8_t *)base)[i]; /* the code; the caller applies the scale */
 #ifdef BT_GLUE_AVX2
     if (dt == BT_KV_F16) return _cvtsh_ss(((const uint16_t *)base)[i]);
 #else
@@ -105,6 +106,7 @@ GLUE_FN(void act_quant)(float *gu, int64_t T, int64_t F, int act, const float *w
 static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 load8_kv_avx2(const void *row, int dt,
                                                                                            int64_t i) {
     if (dt == BT_KV_F32) return _mm256_loadu_ps((const float *)row + i);
+    if (dt == BT_KV_I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + i))));
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
     if (dt == BT_KV_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -142,9 +144,22 @@ GLUE_INL(void axpy_kv)(float *out, float w, const void *row, int dt, int64_t hd)
     for (; i < hd; i++) out[i] += w * G(load_kv)(row, dt, i);
 }
 
-/* RoPE (rotate-half convention) on the q and k heads of qkv, then k and v into the cache at pos */
+/* int8 codes of one cached row (absmax / 127 per row, as EngineKVCache._quant); returns the scale */
+GLUE_INL(float store_row_i8)(int8_t *dst, const float *x, int64_t hd) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < hd; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float sc = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
+    for (int64_t i = 0; i < hd; i++) {
+        float c = nearbyintf(x[i] / sc);
+        dst[i] = (int8_t)(c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c));
+    }
+    return sc;
+}
+
+/* RoPE (rotate-half convention) on the q and k heads of qkv, then k and v into the cache at pos
+ * (int8 caches also get the row scales ks, vs [KVH, max_len]) */
 GLUE_INL(void rope_store)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos,
-                          const float *sin, void *kc, void *vc, int dt, int64_t max_len) {
+                          const float *sin, void *kc, void *vc, float *ks, float *vs, int dt, int64_t max_len) {
     const float *k = qkv + H * hd, *v = k + KVH * hd;
     int64_t half = hd / 2;
     for (int64_t h = 0; h < H + KVH; h++) {
@@ -155,20 +170,26 @@ GLUE_INL(void rope_store)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_
             r[i + half] = b * cos[i + half] + a * sin[i + half];
         }
     }
-    for (int64_t g = 0; g < KVH; g++)
+    for (int64_t g = 0; g < KVH; g++) {
+        if (dt == BT_KV_I8) {
+            ks[g * max_len + pos] = G(store_row_i8)((int8_t *)kc + (g * max_len + pos) * hd, k + g * hd, hd);
+            vs[g * max_len + pos] = G(store_row_i8)((int8_t *)vc + (g * max_len + pos) * hd, v + g * hd, hd);
+            continue;
+        }
         for (int64_t i = 0; i < hd; i++) {
             G(store_kv)(kc, dt, (g * max_len + pos) * hd + i, k[g * hd + i]);
             G(store_kv)(vc, dt, (g * max_len + pos) * hd + i, v[g * hd + i]);
         }
+    }
 }
 
 #ifndef BT_GLUE_AVX2
 GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos, const float *sin,
-                     void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores) {
+                     void *kc, void *vc, float *ks, float *vs, int dt, int64_t max_len, float *out, float *scores) {
     const float *q = qkv;
-    G(rope_store)(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len);
+    G(rope_store)(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len);
     int64_t rep = H / KVH, S = pos + 1;
-    size_t es = dt == BT_KV_F32 ? 4 : 2;
+    size_t es = kv_elem_size(dt);
     float scale = 1.0f / sqrtf((float)hd);
     for (int64_t h = 0; h < H; h++) {
         int64_t g = h / rep;
@@ -176,7 +197,9 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
         const char *vb = (const char *)vc + (size_t)(g * max_len) * hd * es;
         float m = -INFINITY;
         for (int64_t p = 0; p < S; p++) {
-            float sc = G(dot_kv)(q + h * hd, kb + (size_t)p * hd * es, dt, hd) * scale;
+            float sc = G(dot_kv)(q + h * hd, kb + (size_t)p * hd * es, dt, hd);
+            if (dt == BT_KV_I8) sc *= ks[g * max_len + p];
+            sc *= scale;
             scores[p] = sc;
             m = sc > m ? sc : m;
         }
@@ -188,7 +211,11 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
         float inv = 1.0f / sum;
         float *o = out + h * hd;
         for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-        for (int64_t p = 0; p < S; p++) G(axpy_kv)(o, scores[p] * inv, vb + (size_t)p * hd * es, dt, hd);
+        for (int64_t p = 0; p < S; p++) {
+            float w = scores[p] * inv;
+            if (dt == BT_KV_I8) w *= vs[g * max_len + p];
+            G(axpy_kv)(o, w, vb + (size_t)p * hd * es, dt, hd);
+        }
     }
 }
 
@@ -219,13 +246,13 @@ static _Thread_local size_t tl_scores_cap = 0;
 /* The query heads sharing one KV head are processed together (up to 4 at a time), so every cached key
  * and value row is loaded and converted once per group; softmax uses a vectorised exp. */
 GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos, const float *sin,
-                     void *kc, void *vc, int dt, int64_t max_len, float *out, float *scores) {
+                     void *kc, void *vc, float *ks, float *vs, int dt, int64_t max_len, float *out, float *scores) {
     if (hd % 16) {
-        attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+        attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
         return;
     }
     const float *q = qkv;
-    rope_store_avx2(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len);
+    rope_store_avx2(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len);
     const int64_t rep = H / KVH, S = pos + 1, S8 = (S + 7) / 8 * 8;
     if ((size_t)(4 * S8) > tl_scores_cap) {
         free(tl_scores);
@@ -233,12 +260,12 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
         tl_scores = (float *)malloc(tl_scores_cap * sizeof(float));
         if (!tl_scores) { /* out of memory: the slower path needs only the caller's scratch */
             tl_scores_cap = 0;
-            attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, dt, max_len, out, scores);
+            attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
             return;
         }
     }
     float *P = tl_scores;
-    const size_t es = dt == BT_KV_F32 ? 4 : 2;
+    const size_t es = kv_elem_size(dt);
     const float scale = 1.0f / sqrtf((float)hd);
     for (int64_t g = 0; g < KVH; g++) {
         const char *kb = (const char *)kc + (size_t)(g * max_len) * hd * es;
@@ -262,6 +289,7 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
                 __m256 s = _mm256_hadd_ps(s01, s23);
                 __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
                 float sc[4];
+                if (dt == BT_KV_I8) r = _mm_mul_ps(r, _mm_set1_ps(ks[g * max_len + p]));
                 _mm_storeu_ps(sc, _mm_mul_ps(r, _mm_set1_ps(scale)));
                 for (int j = 0; j < 4; j++) P[j * S8 + p] = sc[j];
             }
@@ -294,8 +322,9 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
                 for (int64_t p = 0; p < S; p++) {
                     const char *vr = vb + (size_t)p * hd * es;
                     const __m256 v0 = load8_kv_avx2(vr, dt, i), v1 = load8_kv_avx2(vr, dt, i + 8);
+                    const float vsp = dt == BT_KV_I8 ? vs[g * max_len + p] : 1.0f;
                     for (int j = 0; j < 4; j++) {
-                        const __m256 w = _mm256_broadcast_ss(P + j * S8 + p);
+                        const __m256 w = _mm256_set1_ps(P[j * S8 + p] * vsp);
                         o[j][0] = _mm256_fmadd_ps(w, v0, o[j][0]);
                         o[j][1] = _mm256_fmadd_ps(w, v1, o[j][1]);
                     }
