@@ -58,7 +58,7 @@ class _Buffers:
 class _FastBuffers:
     """Preallocated buffers (and their addresses) of the C decode path for ``rows`` tokens."""
 
-    def __init__(self, cfg: ModelConfig, rows: int, kp_h: int, kp_f: int) -> None:
+    def __init__(self, cfg: ModelConfig, rows: int, kp_h: int, kp_f: int, logit_rows: int | None = None) -> None:
         h, kv, f = cfg.hidden_size, cfg.kv_dim, cfg.intermediate_size
         self.x = torch.empty(rows, h)
         self.xn = torch.empty(rows, h)
@@ -67,7 +67,7 @@ class _FastBuffers:
         self.o = torch.empty(rows, h)
         self.gu = torch.empty(rows, 2 * f)
         self.down = torch.empty(rows, h)
-        self.logits = torch.empty(rows, cfg.vocab_size)
+        self.logits = torch.empty(rows if logit_rows is None else logit_rows, cfg.vocab_size)
         self.scores = torch.empty(cfg.max_seq_len)
         self.qh = torch.zeros(rows, kp_h, dtype=torch.int8)  # zero padding columns stay zero
         self.qf = torch.zeros(rows, kp_f, dtype=torch.int8)
@@ -258,6 +258,10 @@ class EngineModel:
             raise ValueError("no tokens to run")
         if end > cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
+        if self.use_fast_path:  # the decode C path with T rows: one GEMM per weight, attention token by token
+            fb = _FastBuffers(self.config, T, self.layers[0].qkv._kp, self.layers[0].down._kp,
+                              logit_rows=T if all_logits else 1)
+            return self._run_fast(fb, ids.tolist(), cache, [slot] * T, list(range(start, end)), last_only=not all_logits)
         H, KVH, hd = self.H, self.KVH, self.hd
         hdim, kvd = self.config.hidden_size, self.config.kv_dim
         x = self.embed.embed(ids)
@@ -306,13 +310,20 @@ class EngineModel:
         return self._decode_torch(tokens, cache, slots, positions)
 
     def _decode_fast(self, tokens: list[int], cache: EngineKVCache, slots: list[int], positions: list[int]) -> torch.Tensor:
-        from .headkernel import load_head_kernel
-
-        C = load_head_kernel()
         B = len(tokens)
         fb = self._fast.get(B)
         if fb is None:
             fb = self._fast[B] = _FastBuffers(self.config, B, self.layers[0].qkv._kp, self.layers[0].down._kp)
+        return self._run_fast(fb, tokens, cache, slots, positions)
+
+    def _run_fast(self, fb: "_FastBuffers", tokens: list[int], cache: EngineKVCache, slots: list[int],
+                  positions: list[int], last_only: bool = False) -> torch.Tensor:
+        """Rows ``tokens[b]`` at ``positions[b]`` of ``slots[b]`` on the C path, in order (so rows of one slot
+        at consecutive positions attend causally); logits of every row, or of the last one."""
+        from .headkernel import load_head_kernel
+
+        C = load_head_kernel()
+        B = len(tokens)
         cfg = self.config
         h, H, KVH, hd, eps = cfg.hidden_size, self.H, self.KVH, self.hd, self.eps
         norm_quant, act_quant, attend = C.norm_quant, C.act_quant, C.attend
@@ -351,6 +362,10 @@ class EngineModel:
             act_quant(*aq)
             for a in mm_down:
                 mm(*a)
+        if last_only:
+            last = (B - 1) * h * 4
+            norm_quant(xp + last, downp + last, self.final_norm.data_ptr(), eps, 1, h, xnp + last, None, 0, None, None)
+            return self.head.logits(fb.xn[B - 1 :], fb.logits)
         norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
         return self.head.logits(fb.xn, fb.logits)
 
