@@ -400,13 +400,17 @@ def save_hf(model: Transformer | TensorSource, directory: str | os.PathLike, dty
 
 
 def load_tokenizer_if_any(directory: str | os.PathLike):
-    """The :class:`~bittern.tokenizer.Tokenizer` in ``directory`` (tokenizer.json), or None."""
+    """The :class:`~bittern.tokenizer.Tokenizer` in ``directory`` (tokenizer.json, else a SentencePiece
+    tokenizer.model converted with transformers), or None."""
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file():
         if (directory / "tokenizer.model").is_file():
-            warnings.warn(f"{directory}: only a SentencePiece tokenizer.model, which bittern does not read; write a "
-                          "tokenizer.json with transformers (AutoTokenizer.from_pretrained(d).save_pretrained(d)) "
-                          "to keep the tokenizer")
+            from .spm import sentencepiece_tokenizer
+            try:
+                return sentencepiece_tokenizer(directory)
+            except Exception as e:  # a broken tokenizer should not hide the model
+                warnings.warn(f"{directory}: SentencePiece tokenizer not loaded ({e})")
+                return None
         return None
     from ..tokenizer import load_tokenizer
     try:
