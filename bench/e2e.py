@@ -10,6 +10,12 @@ runs in its own subprocess so peak RSS is its own. The CPU may be shared: each f
     python bench/e2e.py --workdir /tmp/bm --threads 1,2 --json bench/e2e.json
     python bench/e2e.py --big /tmp/bm/70b-1.6        # also the 70B-shaped run (make it with
                                                       # `bittern model create --config 70B --random DIR`)
+    python bench/e2e.py --llama-cpp 2b4t-tq2_0.gguf   # also llama.cpp on a GGUF of the same shape, same run
+
+``--llama-cpp`` times the llama.cpp inside an installed ``llama-cpp-python`` (nothing is built here). A
+2B4T-shaped TQ2_0 file with llama.cpp's own Q6_K head: write a random one with
+``../shared/tools/random_ternary_gguf.py OUT tq2_0`` and requantise it with
+``llama_cpp.llama_model_quantize`` (ftype ``LLAMA_FTYPE_MOSTLY_TQ2_0``, ``allow_requantize``).
 """
 
 from __future__ import annotations
@@ -158,6 +164,37 @@ def _profile(m, kv: str, prompt: int, steps: int = 16, clock=time.perf_counter) 
             "python_ms": python * 1e3, "python_frac": python / total, "outside_kernels_frac": (python + glue_t) / total}
 
 
+def _llamacpp_run(spec: dict) -> dict:
+    """llama.cpp (the build inside the installed llama-cpp-python) on a GGUF of the same shape: prefill of
+    ``prefill`` tokens and ``gen`` single-token decode steps after a ``prompt``-token prompt, fixed token ids
+    (no sampling), best of ``repeats``."""
+    import llama_cpp
+
+    from bittern.engine import peak_rss_bytes
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          n_ctx=max(spec["prefill"], spec["prompt"] + spec["gen"]) + 8, n_batch=max(spec["prefill"], 64),
+                          verbose=False)
+    res = {"open_s": time.perf_counter() - t0, "version": llama_cpp.__version__}
+    best_pf = best_dec = 0.0
+    for rep in range(spec["repeats"]):
+        ids = [(7 * i + rep) % 1000 + 1 for i in range(max(spec["prefill"], spec["prompt"]))]
+        if spec["prefill"]:
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids[: spec["prefill"]])
+            best_pf = max(best_pf, spec["prefill"] / (time.perf_counter() - t))
+        llm.reset()
+        llm.eval(ids[: spec["prompt"]])
+        t = time.perf_counter()
+        for i in range(spec["gen"]):
+            llm.eval([(13 * i + rep) % 1000 + 1])
+        best_dec = max(best_dec, spec["gen"] / (time.perf_counter() - t))
+    res.update(prefill_tok_s=best_pf, decode_tok_s=best_dec, peak_rss=peak_rss_bytes())
+    return res
+
+
 def _torch_run(spec: dict) -> dict:
     """The same shape as a dense torch model (fp32 or bf16) through the reference generation loop."""
     import torch
@@ -248,12 +285,14 @@ def main() -> int:
     ap.add_argument("--torch-gen", type=int, default=8, help="tokens for the (slow) torch baselines")
     ap.add_argument("--big", action="append", default=[], help="a big model directory (70B / 100B shape) to open and run")
     ap.add_argument("--big-gen", type=int, default=8)
+    ap.add_argument("--llama-cpp", default="", help="a GGUF of the same shape (e.g. TQ2_0 with llama.cpp's Q6_K head) to time "
+                    "with llama-cpp-python's llama.cpp in the same run, if that package is installed")
     ap.add_argument("--quality", help="only measure perplexity per head / KV format on this trained model directory")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()
     if args.one:
         spec = json.loads(args.one)
-        fn = {"engine": _engine_run, "torch": _torch_run}[spec.pop("kind")]
+        fn = {"engine": _engine_run, "torch": _torch_run, "llamacpp": _llamacpp_run}[spec.pop("kind")]
         print(json.dumps(fn(spec)))
         return 0
 
@@ -269,7 +308,7 @@ def main() -> int:
 
     work = Path(args.workdir)
     results: dict = {"config": args.config, "llama_cpp_reference": LLAMA_CPP_REFERENCE, "engine": [], "torch": [], "big": [],
-                     "load_avg_start": os.getloadavg()}
+                     "llama_cpp": [], "load_avg_start": os.getloadavg()}
     threads = [int(t) for t in args.threads.split(",") if t]
     for layout in args.layouts.split(","):
         d = work / f"{args.config}-{layout}"
@@ -284,6 +323,13 @@ def main() -> int:
                 r.update(layout=layout, head=head, threads=th)
                 results["engine"].append(r)
                 print(json.dumps(r), file=sys.stderr)
+    if args.llama_cpp:
+        for th in threads:
+            r = _sub("llamacpp", {"gguf": args.llama_cpp, "threads": th, "prompt": args.prompt, "gen": args.gen,
+                                  "prefill": args.prefill, "repeats": args.repeats})
+            r.update(gguf=args.llama_cpp, threads=th)
+            results["llama_cpp"].append(r)
+            print(json.dumps(r), file=sys.stderr)
     for dt in [t for t in args.torch.split(",") if t]:
         for th in threads:
             r = _sub("torch", {"config": args.config, "dtype": dt, "threads": th, "prompt": args.prompt,
@@ -306,33 +352,43 @@ def main() -> int:
 
 
 def format_table(results: dict) -> str:
-    """A Markdown table of the results, with ratios to the torch baselines of the same run."""
+    """A Markdown table of the results, with ratios to llama.cpp and the torch baselines of the same run."""
     torch_by = {(r["dtype"], r["threads"]): r.get("decode_tok_s") for r in results["torch"]}
-    lines = ["| run | threads | decode tok/s | prefill tok/s | vs torch fp32 | vs torch bf16 | peak RSS (GB) | file + KV (GB) | "
-             "outside kernels | Python |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lcpp_by = {r["threads"]: r for r in results.get("llama_cpp", []) if "error" not in r}
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    lines = ["| run | threads | decode tok/s | prefill tok/s | decode vs llama.cpp | prefill vs llama.cpp | vs torch fp32 | "
+             "vs torch bf16 | peak RSS (GB) | file + KV (GB) | outside kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["engine"]:
+        name = f"{r['layout']} / head {r['head']}"
         if "error" in r:
-            lines.append(f"| {r['layout']} / head {r['head']} | {r['threads']} | error: {r['error']} |||||||")
+            lines.append(f"| {name} | {r['threads']} | error: {r['error']} |||||||||")
             continue
-        dec = r["decode_tok_s"]
-        f32, b16 = torch_by.get(("fp32", r["threads"])), torch_by.get(("bf16", r["threads"]))
+        dec, pf, th = r["decode_tok_s"], r.get("prefill_tok_s", 0.0), r["threads"]
+        lc = lcpp_by.get(th, {})
         prof = r.get("profile", {})
-        lines.append(f"| {r['layout']} / head {r['head']} | {r['threads']} | {dec:.2f} | {r.get('prefill_tok_s', 0):.2f} | "
-                     f"{dec / f32:.1f}x | {dec / b16:.1f}x | {r['peak_rss'] / 1e9:.2f} | {(r['file_bytes'] + r['kv_bytes']) / 1e9:.2f} | "
-                     f"{100 * prof.get('outside_kernels_frac', float('nan')):.1f}% | {100 * prof.get('python_frac', float('nan')):.1f}% |"
-                     if f32 and b16 else
-                     f"| {r['layout']} / head {r['head']} | {r['threads']} | {dec:.2f} | {r.get('prefill_tok_s', 0):.2f} | - | - | "
-                     f"{r['peak_rss'] / 1e9:.2f} | {(r['file_bytes'] + r['kv_bytes']) / 1e9:.2f} | "
-                     f"{100 * prof.get('outside_kernels_frac', float('nan')):.1f}% | {100 * prof.get('python_frac', float('nan')):.1f}% |")
+        lines.append(f"| {name} | {th} | {dec:.2f} | {pf:.2f} | {ratio(dec, lc.get('decode_tok_s'))} | "
+                     f"{ratio(pf, lc.get('prefill_tok_s'))} | {ratio(dec, torch_by.get(('fp32', th)))} | "
+                     f"{ratio(dec, torch_by.get(('bf16', th)))} | {r['peak_rss'] / 1e9:.2f} | "
+                     f"{(r['file_bytes'] + r['kv_bytes']) / 1e9:.2f} | "
+                     f"{100 * prof.get('outside_kernels_frac', float('nan')):.1f}% |")
+    for r in results.get("llama_cpp", []):
+        if "error" in r:
+            lines.append(f"| llama.cpp {Path(r['gguf']).name} | {r['threads']} | error: {r['error']} |||||||||")
+            continue
+        lines.append(f"| llama.cpp {r.get('version', '')} ({Path(r['gguf']).name}) | {r['threads']} | {r['decode_tok_s']:.2f} | "
+                     f"{r['prefill_tok_s']:.2f} | | | | | {r['peak_rss'] / 1e9:.2f} | | |")
     for r in results["torch"]:
-        lines.append(f"| torch {r['dtype']} (dense) | {r['threads']} | {r.get('decode_tok_s', float('nan')):.2f} | | | | "
-                     f"{r.get('peak_rss', 0) / 1e9:.2f} | | | |")
+        lines.append(f"| torch {r['dtype']} (dense) | {r['threads']} | {r.get('decode_tok_s', float('nan')):.2f} | | | | | | "
+                     f"{r.get('peak_rss', 0) / 1e9:.2f} | | |")
     for r in results["big"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['threads']} | error: {r['error']} |||||||")
+            lines.append(f"| {r['model']} | {r['threads']} | error: {r['error']} |||||||||")
             continue
-        lines.append(f"| {Path(r['model']).name} (opened in {r['open_s']:.1f} s) | {r['threads']} | {r['decode_tok_s']:.3f} | | | | "
-                     f"{r['peak_rss'] / 1e9:.2f} | {(r['file_bytes'] + r['kv_bytes']) / 1e9:.2f} | | |")
+        lines.append(f"| {Path(r['model']).name} (opened in {r['open_s']:.1f} s) | {r['threads']} | {r['decode_tok_s']:.3f} | "
+                     f"| | | | | {r['peak_rss'] / 1e9:.2f} | {(r['file_bytes'] + r['kv_bytes']) / 1e9:.2f} | |")
     return "\n".join(lines)
 
 
