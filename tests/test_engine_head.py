@@ -172,3 +172,18 @@ def test_int8_kv_cache_decode_matches_the_torch_path(isa: str) -> None:
     assert torch.allclose(fast_c.k_scale[0, 0, :, p0], torch_c.k_scale[0, 0, :, p0], rtol=1e-6, atol=0)
     assert (fast_c.k[:, 0, :, :end] != 0).any()
     assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3 * outs[1].abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int6"])
+def test_torch_fallback_computes_the_same(fmt: str, monkeypatch) -> None:
+    """Without the native library the table keeps one int8 per code and gives identical results in torch."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(70, 200, generator=g)
+    x = torch.randn(3, 200, generator=g)
+    ids = torch.tensor([0, 69, 5])
+    native_table = TokenTable(w, fmt)
+    monkeypatch.setattr("bittern.engine.headkernel.load_head_kernel", lambda: None)
+    fallback = TokenTable(w, fmt)
+    assert fallback._kernel is None and fallback.weight.dtype == torch.int8
+    assert torch.equal(fallback.logits(x), native_table.logits(x))
+    assert torch.equal(fallback.embed(ids), native_table.embed(ids))
