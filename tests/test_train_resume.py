@@ -99,3 +99,25 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(shards, tmp_path, 
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     weights = load_model_weights(good)[0]
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_init_from_a_bittern_run_continues_from_its_weights(shards, tmp_path):
+    """init_from = a finished run (or one of its checkpoints): a new run starts from those weights, fresh schedule."""
+    from bittern.train.trainer import build_model
+
+    first = tmp_path / "first"
+    train(TrainConfig(**_overrides(shards, first)), resume=False)
+    weights, _ = load_model_weights(latest_checkpoint(first))
+    for source in (first, latest_checkpoint(first)):
+        cfg = TrainConfig(**_overrides(shards, tmp_path / "second", init_from=str(source), model={"name": "tiny"}))
+        model = build_model(cfg)  # the model section is ignored: the run's own model_config.json decides the shape
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in weights.items())
+    second = train(TrainConfig(**_overrides(shards, tmp_path / "second", init_from=str(first), steps=4, eval_every=4)),
+                   resume=False)
+    fresh = train(TrainConfig(**_overrides(shards, tmp_path / "fresh", steps=4, eval_every=4)), resume=False)
+    assert second["val_loss"] < fresh["val_loss"]  # 4 more steps on trained weights beat 4 steps from scratch
+    with pytest.raises(Exception, match="no checkpoint"):
+        (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "empty" / "model_config.json").write_text((first / "model_config.json").read_text())
+        build_model(TrainConfig(**_overrides(shards, tmp_path / "third", init_from=str(tmp_path / "empty"))))

@@ -26,7 +26,8 @@ class TrainConfig:
     data: str = ""
     out_dir: str = "runs/train"
     model: dict[str, Any] = field(default_factory=lambda: {"name": "tiny"})
-    init_from: str | None = None          # an FP LLaMA-family HF checkpoint directory (conversion)
+    init_from: str | None = None          # starting weights: an FP LLaMA-family HF checkpoint directory (conversion),
+                                          # or a bittern training run / checkpoint directory (continued training)
     quant_ramp_steps: int = 0             # lambda = min(step / quant_ramp_steps, 1); 0 = full quantisation at once
     seq_len: int = 128
     batch_size: int = 16                  # global: sequences per optimizer step, over all processes
@@ -64,6 +65,9 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         """The :class:`ModelConfig` of the ``model`` section."""
         spec = dict(self.model)
+        run = bittern_run_dir(self.init_from) if self.init_from else None
+        if run is not None:
+            return ModelConfig.from_dict(json.loads((run / "model_config.json").read_text()))
         if self.init_from:
             from .hf_llama import llama_model_config
 
@@ -180,3 +184,12 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
     """A :class:`TrainConfig` from a file (or defaults) plus overrides, validated."""
     d = read_config_file(path) if path else TrainConfig().to_dict()
     return TrainConfig.from_dict(apply_overrides(d, overrides or [])).validate()
+
+
+def bittern_run_dir(path: str | os.PathLike) -> Path | None:
+    """The training run directory that ``path`` (a run or one of its checkpoints) belongs to, else None."""
+    p = Path(path)
+    for d in (p, p.parent.parent):
+        if (d / "model_config.json").is_file() and (d / "checkpoints").is_dir():
+            return d
+    return None

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, bittern_run_dir
 from .data import WindowLoader, eval_windows, load_split, read_meta, text_bytes
 from .distributed import (DistEnv, all_reduce_mean, barrier, full_state, init_distributed, load_full_state,
                           set_grad_sync, shutdown, wrap_model)
@@ -59,9 +60,23 @@ def _enable_activation_checkpointing(model: Transformer) -> None:
 
 
 def build_model(cfg: TrainConfig) -> Transformer:
-    """A fresh model for ``cfg`` (seeded), or an FP checkpoint's weights when ``init_from`` is set."""
+    """A fresh model for ``cfg`` (seeded), or the weights ``init_from`` names: a bittern run's latest (or the
+    given) checkpoint, or an FP HF checkpoint."""
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config()
+    run = bittern_run_dir(cfg.init_from) if cfg.init_from else None
+    if run is not None:
+        given = Path(cfg.init_from)
+        point = given if (given / "state.json").is_file() else ckpt.latest_checkpoint(run)
+        if point is None:
+            raise UsageError(f"{cfg.init_from}: the run has no checkpoint to start from")
+        state, _ = ckpt.load_model_weights(point)
+        model = Transformer(mcfg.replace(max_seq_len=max(mcfg.max_seq_len, cfg.seq_len)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and mcfg.tie_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"{point}: weights do not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        return model
     if cfg.init_from:
         from .hf_llama import load_llama_checkpoint
 
