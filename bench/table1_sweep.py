@@ -22,6 +22,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CORPUS = Path("/work/shared/data/corpus")
@@ -31,9 +32,9 @@ VAL_FRACTION = 0.02
 
 # hidden, layers, heads, ffn — LLaMA-shaped (ffn ~ 8/3 hidden), vocab from the tokenizer
 SIZES = {
-    "S": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=176),
-    "M": dict(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=344),
-    "L": dict(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512),
+    "S": dict(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512),  # 1.8M non-embedding
+    "M": dict(hidden_size=320, num_layers=6, num_heads=5, intermediate_size=864),  # 7.4M
+    "L": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376),  # 25.3M
 }
 
 
@@ -69,12 +70,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/table1")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--sizes", default="S,M,L")
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--fp-lr", type=float, default=1e-3)
     ap.add_argument("--bitnet-lr-ratio", type=float, default=6.0, help="BitNet peak lr / FP peak lr (FAQ: about 6)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parallel", type=int, default=2, help="runs at once (BitNet and FP of one size)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,9 +88,11 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
     results.update({"steps": args.steps, "batch": args.batch, "seq": args.seq, "tokens_per_run": args.steps * args.batch * args.seq,
                     "fp_lr": args.fp_lr, "bitnet_lr": args.fp_lr * args.bitnet_lr_ratio, "threads": args.threads,
+                    "parallel": args.parallel,
                     "prepare_seconds": results.get("prepare_seconds", prep_seconds)})
     warmup = max(10, args.steps // 20)
     for size in args.sizes.split(","):
+        pending = []
         for linear in ("bitnet", "fp"):
             key = f"{size}-{linear}"
             if key in results["runs"]:
@@ -102,7 +106,11 @@ def main() -> None:
                              f"batch_size={args.batch}", f"seq_len={args.seq}", f"lr={lr}", f"warmup={warmup}",
                              "weight_decay=0.1", f"eval_every={max(1, args.steps // 2)}", "eval_windows=128",
                              f"save_every={args.steps}", "keep_last=1", f"num_threads={args.threads}", "progress=false", "seed=0"]
-            wall = run(cmd, out / f"{key}.log")
+            pending.append((key, size, linear, lr, run_dir, cmd))
+        # BitNet and FP of one size side by side (--parallel 2, one core each): both see the same load
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            walls = list(pool.map(lambda job: run(job[5], out / f"{job[0]}.log"), pending))
+        for (key, size, linear, lr, run_dir, cmd), wall in zip(pending, walls):
             summary = json.loads((run_dir / "summary.json").read_text())
             results["runs"][key] = {"size": size, "linear": linear, "lr": lr, "wall_seconds": wall, "command": shlex.join(cmd[2:]),
                                     **{k: summary[k] for k in ("val_loss", "val_ppl", "val_bpb", "tokens", "non_embedding_params",

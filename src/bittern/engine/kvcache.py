@@ -27,13 +27,14 @@ class EngineKVCache:
         self.max_len = max_len
         self.slots = slots
         shape = (config.num_layers, slots, config.num_kv_heads, max_len, config.head_dim)
-        # zeros: untouched pages stay unmapped, so the cache costs resident memory only as it fills
-        self.k = torch.zeros(shape, dtype=KV_DTYPES[dtype])
-        self.v = torch.zeros(shape, dtype=KV_DTYPES[dtype])
+        # empty, not zeros: a large allocation is fresh mmapped memory whose pages become resident only when
+        # written (zeros would write them all at once); only positions already written are ever read
+        self.k = torch.empty(shape, dtype=KV_DTYPES[dtype])
+        self.v = torch.empty(shape, dtype=KV_DTYPES[dtype])
         self.quantized = dtype == "int8"
         if self.quantized:
-            self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32)
-            self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32)
+            self.k_scale = torch.empty(shape[:-1] + (1,), dtype=torch.float32)
+            self.v_scale = torch.empty(shape[:-1] + (1,), dtype=torch.float32)
 
     @property
     def nbytes(self) -> int:
