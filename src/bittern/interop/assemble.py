@@ -14,6 +14,7 @@ so converting a checkpoint holds about one tensor at a time.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -177,7 +178,7 @@ def release_freed_memory() -> None:
 _TRIM: Any = None
 
 
-class TensorSource:
+class TensorSource(ABC):
     """Per-tensor access to a BitNet model for writers: its config, ternary linears and float parameters.
 
     Linear names are those of :func:`linear_names`, float names those of :func:`float_param_shapes`.
@@ -200,17 +201,17 @@ class TensorSource:
         """Name -> shape of every float parameter a writer stores (no tied LM head)."""
         return float_param_shapes(self.config)
 
+    @abstractmethod
     def ternary(self, name: str) -> TernaryWeight:
         """The ternary weight of linear ``name``."""
-        raise NotImplementedError
 
     def scale(self, name: str) -> float:
         """gamma of linear ``name``."""
         return float(self.ternary(name).scale)
 
+    @abstractmethod
     def floats(self, name: str) -> torch.Tensor:
         """Float parameter ``name``, in its stored dtype."""
-        raise NotImplementedError
 
 
 class ModelSource(TensorSource):
