@@ -64,8 +64,7 @@ class TokenTable:
 
             self._kernel = load_head_kernel()
             if self._kernel is not None:
-                mapped = release_source and weight.is_contiguous()
-                self.weight, self.scales = self._kernel.quantize(weight, fmt, release_source=mapped)
+                self.weight, self.scales = self._kernel.quantize(weight, fmt, release_source=release_source)
             else:  # no native library: one int8 per code, the same arithmetic in torch
                 self.weight, self.scales = quantize_rows_int8(weight, qmax=_QMAX[fmt])
 

@@ -66,6 +66,7 @@ class HeadKernel:
         """Per-row codes ``[rows, row_bytes]`` (uint8) and float32 scales of a float ``[rows, cols]`` table."""
         if weight.dtype not in _SRC_DTYPES or not weight.is_contiguous():
             weight = weight.float().contiguous()
+            release_source = False  # a private copy: nothing of the file mapping to drop
         rows, cols = weight.shape
         codes = torch.empty(rows, self.row_bytes(fmt, cols), dtype=torch.uint8)
         scales = torch.empty(rows, dtype=torch.float32)
