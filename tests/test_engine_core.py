@@ -64,6 +64,17 @@ def test_greedy_tokens_identical_to_reference(name: str) -> None:
     assert len(set(ref)) > 1  # not a degenerate constant stream
 
 
+def test_lookup_table_layout_decodes_like_reference(tmp_path) -> None:
+    """A model packed in 1.67bit-lut decodes through the lookup-table GEMV: same greedy tokens."""
+    model = _frozen("tiny-2b4t", seed=4, layout="1.67bit-lut")
+    engine = Engine(EngineModel.from_transformer(model, head="f32"), kv_dtype="f32")
+    assert engine.model.use_fast_path
+    prompt = [5, 17, 42, 7, 300, 12]
+    params = SamplingParams(max_tokens=16)
+    ref = list(generate_ids(model, prompt, params))
+    assert list(engine.generate_ids(prompt, params)) == ref and len(set(ref)) > 1
+
+
 @pytest.mark.parametrize("kv", ["f16", "bf16", "int8"])
 def test_compact_kv_cache_stays_close(kv: str) -> None:
     model = _frozen("tiny-2b4t", seed=5)
@@ -93,7 +104,7 @@ def test_compact_head_close_to_float(fmt: str) -> None:
     assert (got.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("layout", ["2bit", "1.6bit", "2bit-r4", "1.6bit-r4"])
+@pytest.mark.parametrize("layout", ["2bit", "1.6bit", "2bit-r4", "1.6bit-r4", "1.67bit-lut"])
 def test_load_from_directory_equals_load_packed(tmp_path, layout: str) -> None:
     model = _frozen("tiny", seed=8)
     d = save_packed(model, tmp_path / "m", layout=layout, dtype="float32")

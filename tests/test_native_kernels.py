@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 REF = ReferenceBackend()
-NATIVE_LAYOUTS = ["2bit-r4", "1.6bit-r4"]
+NATIVE_LAYOUTS = ["2bit-r4", "1.6bit-r4", "1.67bit-lut"]
 SIMD = [isa for isa in ("avx2", "neon") if nat.available() and nat.isa_available(isa)]
 ISAS = ["scalar"] + SIMD
 # (tokens, out_features, in_features): ragged rows and columns, single rows, blocks exactly full
@@ -86,7 +86,7 @@ def test_layout_roundtrip_and_conversion(layout):
             w = TernaryWeight.from_codes(codes, 0.25, other)
             assert torch.equal(w.to_layout(layout).codes(), codes)
             assert torch.equal(w.to_layout(layout).to_layout(other).packed, w.packed)
-    assert L.bits_per_weight == {"2bit-r4": 2.0, "1.6bit-r4": 1.6}[layout]
+    assert L.bits_per_weight == {"2bit-r4": 2.0, "1.6bit-r4": 1.6, "1.67bit-lut": 5 / 3}[layout]
 
 
 def test_layout_byte_order_2bit_r4():
@@ -99,6 +99,26 @@ def test_layout_byte_order_2bit_r4():
     assert ((int(flat[4 * 64 + (1 * 2 + 1) * 32 + 7]) >> 2) & 3) - 1 == int(codes[5, 128 + 32 + 7])
 
 
+def test_layout_byte_order_1p67bit_lut():
+    """The documented positions: a full 32-row group (index vectors, sign words, counts) and a short one."""
+    codes = torch.zeros(40, 48, dtype=torch.int8)
+    codes[5, 27:30] = torch.tensor([-1, 1, 0])  # row 5, block 1, triple 1: (-1, 1, 0) = -(1, -1, 0) -> idx 6, negated
+    codes[33, 30:33] = torch.tensor([0, 1, 1])  # tail row 33 (row 1 of the short group), block 1, triple 2 -> idx 4
+    packed = LAYOUTS["1.67bit-lut"].pack(codes)
+    rb = 5 * 2 + 2
+    assert packed.shape == (40, rb)
+    flat = packed.reshape(-1)
+    blk = flat[160:320]  # group 0, block 1
+    assert (int(blk[32 * 0 + 5]) >> 4) == 6  # vector k = 0 holds triples 0 (low nibble) and 1 (high nibble)
+    word1 = blk[128 + 4:128 + 8]  # sign word of triple 1
+    assert (int(word1[5 % 4]) >> (5 // 4)) & 1 == 1 and int(word1.sum()) == 1 << (5 // 4)
+    counts = flat[320:384].view(torch.int16)
+    assert int(counts[5]) == 1 and int(counts.sum()) == 1
+    tail_row = flat[32 * rb + 1 * rb:32 * rb + 2 * rb]  # rows 32.. stored row after row
+    assert int(tail_row[5 + 1]) & 15 == 4 and int(tail_row[5 + 4]) == 0  # block 1: index byte 1, sign byte
+    assert int(tail_row[10:12].view(torch.int16)) == 0
+
+
 def test_layout_corrupt_data_raises():
     bad = torch.full((4, 32), 0xFF, dtype=torch.uint8)  # every 2-bit field holds 3
     with pytest.raises(ValueError):
@@ -107,6 +127,16 @@ def test_layout_corrupt_data_raises():
     packed[0, 0] = 0x80 ^ 20  # 20 is none of the 243 fixed-point bytes ceil(256 v / 243)
     with pytest.raises(ValueError):
         LAYOUTS["1.6bit-r4"].unpack(packed, 160)
+    lut = LAYOUTS["1.67bit-lut"]
+    good = lut.pack(torch.randint(-1, 2, (33, 50), generator=torch.Generator().manual_seed(3), dtype=torch.int8))
+    bad = good.clone()
+    bad[0, 0] |= 0x0F  # index 15 (row 0, triple 0 of the full group)
+    with pytest.raises(ValueError, match="index"):
+        lut.unpack(bad, 50)
+    bad = good.clone()
+    bad.reshape(-1)[32 * good.shape[1] - 64] ^= 1  # row 0's count of negated triples
+    with pytest.raises(ValueError, match="count"):
+        lut.unpack(bad, 50)
 
 
 # ----------------------------------------------------------------------------------------- quantise
@@ -204,12 +234,33 @@ def test_products_bit_exact_larger(isa, layout):
     _check_products(isa, [1, 2], layout, shapes, gen)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_lookup_tables_follow_changed_activations(isa):
+    """The 1.67bit-lut GEMV reuses the tables of byte-identical activations; one changed byte in the same
+    buffer, or another weight of a different width, must not see stale tables."""
+    nat.set_isa(isa)
+    gen = torch.Generator().manual_seed(21)
+    codes = _codes(64, 300, gen)
+    w = TernaryWeight.from_codes(codes, 1.0, "1.67bit-lut")
+    q, s, rowsum = nat.quantize_activations(_acts(1, 300, gen))
+    for step in range(4):
+        got = nat.matmul_int32(q, rowsum, w, "gemv")
+        assert torch.equal(got, int_matmul(q[:, :300], codes)), step
+        q[0, (37 * step) % 300] = q[0, (37 * step) % 300] // 2 + 1  # same buffer, new contents
+        rowsum = q.to(torch.int32).sum(1, dtype=torch.int32)
+    wide = _codes(40, 500, gen)
+    qw, _, rsw = nat.quantize_activations(_acts(1, 500, gen))
+    qw[0, :300] = q[0, :300]  # same leading bytes, longer row
+    wl = TernaryWeight.from_codes(wide, 1.0, "1.67bit-lut")
+    assert torch.equal(nat.matmul_int32(qw, rsw, wl, "gemv"), int_matmul(qw[:, :500], wide))
+
+
 @pytest.mark.parametrize("layout", NATIVE_LAYOUTS)
 @pytest.mark.parametrize("isa", ISAS)
 def test_overflow_worst_case(isa, layout):
     """All activations -128 (or +127) against all weights +1 / -1 at K = 28672: no int16 overflow."""
     nat.set_isa(isa)
-    k, n = 28672, 8
+    k, n = 28672, 40  # 40 rows: one full 32-row group of the 1.67bit-lut layout and a short one
     codes = torch.ones(n, k, dtype=torch.int8)
     codes[1] = -1
     codes[2, ::2] = -1  # mixed signs

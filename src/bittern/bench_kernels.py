@@ -62,7 +62,7 @@ MODELS: dict[str, ModelShape] = {
     "7B": ModelShape("7B", 4096, 11008, None),
     "70B": ModelShape("70B", 8192, 28672, 1024),
 }
-FORMATS = ("2bit-r4", "1.6bit-r4")
+FORMATS = ("2bit-r4", "1.6bit-r4", "1.67bit-lut")
 
 
 def _valid_bytes(layout: str) -> torch.Tensor:
@@ -75,6 +75,12 @@ def _valid_bytes(layout: str) -> torch.Tensor:
 
 def random_packed(layout: str, n: int, k: int, gen: torch.Generator) -> TernaryWeight:
     """A random ternary weight directly in packed form (fast even for 70B shapes)."""
+    if layout not in ("2bit-r4", "1.6bit-r4"):  # no independent random bytes: pack random codes, by rows
+        L = get_layout(layout)
+        step = max(32, (1 << 24) // max(k, 1) // 32 * 32)  # whole 32-row groups per chunk
+        packed = torch.cat([L.pack(torch.randint(-1, 2, (min(step, n - r), k), generator=gen, dtype=torch.int8))
+                            for r in range(0, n, step)])
+        return TernaryWeight(packed, torch.tensor(0.05), n, k, layout)
     lut = _valid_bytes(layout)
     cols = get_layout(layout).packed_cols(k)
     idx = torch.randint(0, len(lut), (n, cols), generator=gen)

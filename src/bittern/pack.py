@@ -261,3 +261,109 @@ def unpack_1p6bit_r4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 LAYOUTS["2bit-r4"] = Layout("2bit-r4", 2.0, pack_2bit_r4, unpack_2bit_r4, lambda n: 32 * ((n + 127) // 128))
 LAYOUTS["1.6bit-r4"] = Layout("1.6bit-r4", 1.6, pack_1p6bit_r4, unpack_1p6bit_r4, lambda n: 32 * ((n + 159) // 160))
+
+
+# "1.67bit-lut": the layout of the lookup-table GEMV (TL2-style, native/csrc/bt_lut.c has the kernel's
+# view). Columns are padded to a multiple of 24 and read as triples (c0, c1, c2); a triple is stored as
+# a 4-bit index of its canonical form (first nonzero code positive: 14 forms) and a sign bit, 5 bits per
+# 3 weights. Every row owns 5 * Kp / 24 + 2 bytes: rows come in groups of 32,
+#
+#   full group, per 24-column block (160 bytes): four 32-byte index vectors (vector k, byte r: triple 2k
+#       of row r in the low nibble, triple 2k + 1 in the high nibble), then eight 4-byte sign words (word
+#       j: the sign of triple j of row r is bit r // 4 of byte r % 4); after all blocks, the 32 rows'
+#       counts of negated triples as little-endian int16;
+#   last group (out % 32 rows), row after row: per block 4 index bytes and 1 sign byte (bit j: triple j),
+#       then the row's int16 count.
+#
+# The canonical index of codes (c0, c1, c2) is v - 13 with v = 9 (c0+1) + 3 (c1+1) + (c2+1) when v >= 13,
+# else the triple is negated (v -> 26 - v) and its sign bit set.
+
+LUT_BLOCK = 24
+LUT_ROWS = 32
+
+
+def _lut_row_bytes(in_features: int) -> int:
+    return 5 * ((in_features + LUT_BLOCK - 1) // LUT_BLOCK) + 2
+
+
+def pack_1p67bit_lut(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ternary codes ``[out, in]`` into the ``"1.67bit-lut"`` layout (lookup-table GEMV)."""
+    _check_codes(codes)
+    out = codes.shape[0]
+    c = _pad_cols(codes.to(torch.int32), LUT_BLOCK) + 1  # [out, Kp] in {0, 1, 2}
+    nb = c.shape[1] // LUT_BLOCK
+    if nb * 8 > 32767:
+        raise ValueError(f"1.67bit-lut supports at most {32767 * 3} columns, got {codes.shape[1]}")
+    v = (c.reshape(out, nb, 8, 3) * torch.tensor([9, 3, 1], dtype=torch.int32)).sum(-1)  # [out, nb, 8]
+    neg = v < 13
+    idx = torch.where(neg, 26 - v, v) - 13  # 0..13
+    count = neg.reshape(out, -1).sum(1).to(torch.int16)
+    count_bytes = count.view(torch.uint8).reshape(out, 2)
+    full = out // LUT_ROWS * LUT_ROWS
+    parts = []
+    if full:
+        G = full // LUT_ROWS
+        gi = idx[:full].reshape(G, LUT_ROWS, nb, 4, 2).permute(0, 2, 3, 4, 1)  # [G, nb, k, half, r]
+        ivec = (gi[:, :, :, 0] | (gi[:, :, :, 1] << 4)).reshape(G, nb, 128)
+        gs = neg[:full].reshape(G, 8, 4, nb, 8).permute(0, 3, 4, 2, 1).to(torch.int32)  # [G, nb, j, byte, bit]
+        sbytes = (gs << torch.arange(8, dtype=torch.int32)).sum(-1).reshape(G, nb, 32)
+        blocks = torch.cat([ivec, sbytes], dim=2).reshape(G, nb * 160)
+        parts.append(torch.cat([blocks, count_bytes[:full].reshape(G, 64)], dim=1).reshape(-1))
+    if out > full:
+        ti = idx[full:].reshape(out - full, nb, 4, 2)
+        ibytes = ti[..., 0] | (ti[..., 1] << 4)  # [m, nb, 4]
+        sb = (neg[full:].to(torch.int32) << torch.arange(8, dtype=torch.int32)).sum(-1, keepdim=True)  # [m, nb, 1]
+        rows = torch.cat([ibytes, sb], dim=2).reshape(out - full, nb * 5)
+        parts.append(torch.cat([rows, count_bytes[full:].to(torch.int32)], dim=1).reshape(-1))
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+    return flat.to(torch.uint8).reshape(out, 5 * nb + 2)
+
+
+_LUT_CANON = torch.tensor(
+    [[0, 0, 0], [0, 0, 1], [0, 1, -1], [0, 1, 0], [0, 1, 1], [1, -1, -1], [1, -1, 0], [1, -1, 1], [1, 0, -1],
+     [1, 0, 0], [1, 0, 1], [1, 1, -1], [1, 1, 0], [1, 1, 1]], dtype=torch.int8)
+
+
+def unpack_1p67bit_lut(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Unpack a ``"1.67bit-lut"`` tensor back to int8 codes ``[out, in_features]`` (checks it is canonical)."""
+    if packed.dim() != 2 or (packed.shape[1] - 2) % 5 or packed.shape[1] < 7:
+        raise ValueError(f"1.67bit-lut needs a 2-D uint8 tensor with 5 * blocks + 2 columns, got {tuple(packed.shape)}")
+    out, cols = packed.shape
+    nb = (cols - 2) // 5
+    flat = packed.reshape(-1).to(torch.int32)
+    full = out // LUT_ROWS * LUT_ROWS
+    idx_parts, neg_parts, cnt_parts = [], [], []
+    if full:
+        G = full // LUT_ROWS
+        g = flat[: full * cols].reshape(G, full // G * cols)
+        blocks = g[:, : nb * 160].reshape(G, nb, 160)
+        iv = blocks[:, :, :128].reshape(G, nb, 4, 32)
+        gi = torch.stack([iv & 15, iv >> 4], dim=3)  # [G, nb, k, half, r]
+        idx_parts.append(gi.permute(0, 4, 1, 2, 3).reshape(full, nb, 8))
+        sb = blocks[:, :, 128:].reshape(G, nb, 8, 4)  # [G, nb, j, byte]
+        bits = (sb.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1  # [G, nb, j, byte, bit]
+        neg_parts.append(bits.permute(0, 4, 3, 1, 2).reshape(full, nb, 8))  # row = 4 * bit + byte
+        cb = g[:, nb * 160:].reshape(full, 2)
+        cnt_parts.append(cb[:, 0] | (cb[:, 1] << 8))
+    if out > full:
+        rows = flat[full * cols:].reshape(out - full, cols)
+        rb = rows[:, : nb * 5].reshape(out - full, nb, 5)
+        ib = rb[:, :, :4]
+        idx_parts.append(torch.stack([ib & 15, ib >> 4], dim=3).reshape(out - full, nb, 8))
+        neg_parts.append((rb[:, :, 4:5] >> torch.arange(8, dtype=torch.int32)) & 1)
+        cnt_parts.append(rows[:, nb * 5] | (rows[:, nb * 5 + 1] << 8))
+    idx = torch.cat(idx_parts)
+    neg = torch.cat(neg_parts)
+    count = torch.cat(cnt_parts)
+    count = torch.where(count >= 32768, count - 65536, count)
+    if idx.numel() and int(idx.max()) > 13:
+        raise ValueError("corrupt 1.67bit-lut data: a triple index is above 13")
+    if bool(((idx == 0) & (neg == 1)).any()):
+        raise ValueError("corrupt 1.67bit-lut data: a zero triple carries a sign")
+    if not torch.equal(neg.reshape(out, -1).sum(1), count):
+        raise ValueError("corrupt 1.67bit-lut data: a row's count of negated triples does not match its signs")
+    trip = _LUT_CANON[idx.long()].to(torch.int32) * (1 - 2 * neg).unsqueeze(-1)  # [out, nb, 8, 3]
+    return trip.reshape(out, -1)[:, :in_features].to(torch.int8)
+
+
+LAYOUTS["1.67bit-lut"] = Layout("1.67bit-lut", 5 / 3, pack_1p67bit_lut, unpack_1p67bit_lut, _lut_row_bytes)

@@ -26,6 +26,11 @@ How the kernels work (details in ``csrc/bittern.h`` and the layout notes in :mod
   activations -128 against all weights +1, tested at K = 28672).
 * The 1.6-bit format (5 trits per byte, fixed point as GGUF TQ1_0) is decoded with byte adds (x3 mod
   256) and two signed compares per trit; that decode, not memory, bounds its GEMV on one core.
+* ``"1.67bit-lut"`` (TL2-style, 5 bits per 3 weights) is read by a lookup-table GEMV: per token, each
+  column triple gets a 16-entry table of its 14 possible partial sums (int16 as a low-byte and a
+  high-byte table), and ``_mm256_shuffle_epi8`` looks up 32 rows at once; a sign bit per triple
+  flips the bytes and a stored per-row count corrects the off-by-one. For several tokens it decodes
+  to bytes and uses the GEMM below.
 * GEMM (prefill, batches above a few tokens) decodes a panel of rows to bytes once, then a 2-row x
   4-token register-blocked microkernel (assembly) reuses every weight vector for 4 tokens.
 * Threads: a persistent pthread pool (the caller is thread 0; workers spin ~2 ms, then sleep); work
@@ -55,12 +60,14 @@ import torch
 
 from ..pack import TernaryWeight, get_layout
 
-ABI_VERSION = 2
-FORMATS = {"2bit-r4": 0, "1.6bit-r4": 1}
+ABI_VERSION = 3
+FORMATS = {"2bit-r4": 0, "1.6bit-r4": 1, "1.67bit-lut": 2}
 """Native layouts and their format ids in the C API."""
-NATIVE_LAYOUT = {"2bit": "2bit-r4", "2bit-r4": "2bit-r4", "1.6bit": "1.6bit-r4", "1.6bit-r4": "1.6bit-r4"}
+NATIVE_LAYOUT = {"2bit": "2bit-r4", "2bit-r4": "2bit-r4", "1.6bit": "1.6bit-r4", "1.6bit-r4": "1.6bit-r4",
+                 "1.67bit-lut": "1.67bit-lut"}
 """The native layout :meth:`NativeBackend.prepare` picks for each layout (others go to ``"2bit-r4"``)."""
 ACT_PAD = 640
+LUT_PAD = 96  # 1.67bit-lut: 24-column blocks, and its GEMM panel rounds up to 32 columns
 """Quantised activation rows are zero-padded to a multiple of this (128 and 160 both divide it)."""
 
 _ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
@@ -203,8 +210,10 @@ def threading_backend() -> str:
 
 
 def padded_k(in_features: int) -> int:
-    """Row length of quantised activations for ``in_features`` (zero-padded to a multiple of 640)."""
-    return -(-int(in_features) // ACT_PAD) * ACT_PAD
+    """Row length of quantised activations for ``in_features``: zero padding up to a multiple of 640 (the
+    r4 layouts' blocks) or of 96 (1.67bit-lut: 24-column blocks, 32-column GEMM slices), whichever is longer."""
+    k = int(in_features)
+    return max(-(-k // ACT_PAD) * ACT_PAD, -(-k // LUT_PAD) * LUT_PAD)
 
 
 # ----------------------------------------------------------------------------------------- kernels

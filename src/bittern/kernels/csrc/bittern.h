@@ -38,7 +38,7 @@ extern "C" {
 #endif
 
 /* weight formats (kernel layouts) */
-enum { BT_FMT_2BIT_R4 = 0, BT_FMT_1P6BIT_R4 = 1 };
+enum { BT_FMT_2BIT_R4 = 0, BT_FMT_1P6BIT_R4 = 1, BT_FMT_1P67BIT_LUT = 2 };
 /* activation dtypes */
 enum { BT_DT_F32 = 0, BT_DT_BF16 = 1, BT_DT_F16 = 2 };
 /* instruction sets */

@@ -13,7 +13,7 @@
 #include <sys/auxv.h>
 #endif
 
-#define BT_ABI_VERSION 2
+#define BT_ABI_VERSION 3
 
 static const bt_kernels *g_kern = &bt_kernels_scalar;
 static int g_isa = BT_ISA_SCALAR;
@@ -21,7 +21,7 @@ static int g_threads = 1;
 /* T <= this: the GEMV kernels (weights streamed once; 2-4 tokens share each decoded weight vector);
  * larger: panel GEMM (decode a panel to bytes once, then the register-blocked microkernel). Measured
  * crossovers on Zen 3 (2560x2560, 1 thread): ~12-16 tokens for 2bit-r4, ~5 for 1.6bit-r4. */
-static int g_gemv_max_t[2] = {12, 4};
+static int g_gemv_max_t[3] = {12, 4, 1}; /* 1.67bit-lut: tables are per token, so GEMM from 2 tokens */
 static int64_t g_panel_bytes = 192 * 1024; /* decoded weight panel per thread (fits in L2) */
 /* GEMV work item: weight bytes a thread takes at a time (capped at 1/4 of a thread's fair share).
  * Measured on 2 threads: 32 KB items reach ~80-88% of the streaming-read roofline, 128 KB ~88-98%
@@ -140,7 +140,7 @@ __attribute__((constructor)) static void bt_init(void) {
     g_threads = e && atoi(e) > 0 ? atoi(e) : bt_online_cpus();
     if (g_threads > 256) g_threads = 256;
     e = getenv("BITTERN_GEMV_MAX_T");
-    if (e && atoi(e) > 0) g_gemv_max_t[0] = g_gemv_max_t[1] = atoi(e);
+    if (e && atoi(e) > 0) g_gemv_max_t[0] = g_gemv_max_t[1] = g_gemv_max_t[2] = atoi(e);
     e = getenv("BITTERN_GEMV_ITEM_KB");
     if (e && atoi(e) > 0) g_item_bytes = (int64_t)atoi(e) * 1024;
     e = getenv("BITTERN_PANEL_KB");
@@ -150,11 +150,13 @@ __attribute__((constructor)) static void bt_init(void) {
 /* ------------------------------------------------------------------------------------ layouts */
 
 int64_t bt_padded_k(int fmt, int64_t K) {
-    int64_t blk = fmt == BT_FMT_2BIT_R4 ? BT_BLOCK_2B : BT_BLOCK_1P6;
+    int64_t blk = fmt == BT_FMT_2BIT_R4 ? BT_BLOCK_2B : fmt == BT_FMT_1P6BIT_R4 ? BT_BLOCK_1P6 : BT_BLOCK_LUT;
     return (K + blk - 1) / blk * blk;
 }
 
-static int64_t row_bytes(int fmt, int64_t Kp) { return fmt == BT_FMT_2BIT_R4 ? Kp / 4 : Kp / 5; }
+static int64_t row_bytes(int fmt, int64_t Kp) {
+    return fmt == BT_FMT_2BIT_R4 ? Kp / 4 : fmt == BT_FMT_1P6BIT_R4 ? Kp / 5 : bt_lut_row_bytes(Kp);
+}
 
 /* ------------------------------------------------------------------------------------ quantize */
 
@@ -220,9 +222,11 @@ static uint8_t *scratch(size_t bytes) {
 typedef struct {
     bt_mm m;
     const bt_kernels *k;
-    int64_t ngroups;    /* 4-row groups */
+    int64_t group;      /* rows per group: 4, or 32 for GEMV on 1.67bit-lut */
+    int64_t ngroups;    /* row groups */
     int64_t chunk;      /* groups per work item */
     int64_t panel_rows; /* GEMM: decoded rows per panel */
+    int64_t panel_k;    /* GEMM: decoded panel width (Kp, or for 1.67bit-lut Kp rounded up to 32) */
     _Atomic int64_t next; /* next work item (dynamic schedule: a thread that is descheduled on a
                              busy machine simply takes fewer items) */
     _Atomic int failed;
@@ -236,8 +240,11 @@ static void gemv_task(void *ctx, int tid, int n) {
         int64_t g0 = atomic_fetch_add(&j->next, j->chunk);
         if (g0 >= j->ngroups) break;
         int64_t g1 = g0 + j->chunk < j->ngroups ? g0 + j->chunk : j->ngroups;
-        int64_t r1 = g1 * BT_GROUP < j->m.N ? g1 * BT_GROUP : j->m.N;
-        j->k->gemv(&j->m, g0 * BT_GROUP, r1);
+        int64_t r1 = g1 * j->group < j->m.N ? g1 * j->group : j->m.N;
+        if (j->m.fmt == BT_FMT_1P67BIT_LUT)
+            j->k->gemv_lut(&j->m, g0 * j->group, r1);
+        else
+            j->k->gemv(&j->m, g0 * j->group, r1);
     }
 }
 
@@ -249,16 +256,61 @@ static void gemm_task(void *ctx, int tid, int n) {
     for (;;) {
         int64_t g0 = atomic_fetch_add(&j->next, j->chunk);
         if (g0 >= j->ngroups) break;
-        if (!D) D = scratch((size_t)(j->panel_rows * j->m.Kp));
+        if (!D) D = scratch((size_t)(j->panel_rows * j->panel_k));
         if (!D) {
             atomic_store(&j->failed, 1);
             return;
         }
         int64_t p = g0 * BT_GROUP;
         int64_t np = j->m.N - p < j->panel_rows ? j->m.N - p : j->panel_rows;
-        j->k->decode(&j->m, p, np, D);
-        j->k->gemm_decoded(&j->m, p, np, D, 0, j->m.T);
+        if (j->m.fmt == BT_FMT_1P67BIT_LUT) {
+            /* the panel is Kd = Kp rounded up to 32 columns wide (the GEMM works in 32-column slices) */
+            bt_mm m = j->m;
+            m.Kp = j->panel_k;
+            bt_lut_decode(&j->m, p, np, D, j->panel_k, j->k->panel_pairs);
+            j->k->gemm_decoded(&m, p, np, D, 0, j->m.T);
+        } else {
+            j->k->decode(&j->m, p, np, D);
+            j->k->gemm_decoded(&j->m, p, np, D, 0, j->m.T);
+        }
     }
+}
+
+/* 1.67bit-lut GEMV tables of the caller's activations. Products that share one input (q, k and v;
+ * gate and up) would build the same tables, so the last tables are kept per thread together with a
+ * copy of the activations they came from, and reused when the new activations are byte-identical. */
+static _Thread_local uint8_t *tl_tab = NULL;
+static _Thread_local int8_t *tl_tab_q = NULL;
+static _Thread_local size_t tl_tab_cap = 0, tl_tab_qcap = 0;
+static _Thread_local int64_t tl_tab_T = -1, tl_tab_kp = -1;
+static _Thread_local const bt_kernels *tl_tab_kern = NULL;
+
+static const uint8_t *lut_tables_for(const int8_t *q, int64_t ldq, int64_t T, int64_t Kp) {
+    const size_t per = (size_t)(Kp / 3) * (size_t)g_kern->lut_table_bytes;
+    int same = tl_tab_T == T && tl_tab_kp == Kp && tl_tab_kern == g_kern;
+    for (int64_t t = 0; same && t < T; t++) same = !memcmp(tl_tab_q + t * Kp, q + t * ldq, (size_t)Kp);
+    if (same) return tl_tab;
+    tl_tab_T = -1;
+    if (per * (size_t)T > tl_tab_cap) {
+        free(tl_tab);
+        tl_tab = (uint8_t *)aligned_alloc(64, (per * (size_t)T + 63) / 64 * 64);
+        tl_tab_cap = tl_tab ? per * (size_t)T : 0;
+        if (!tl_tab) return NULL;
+    }
+    if ((size_t)(T * Kp) > tl_tab_qcap) {
+        free(tl_tab_q);
+        tl_tab_q = (int8_t *)malloc((size_t)(T * Kp));
+        tl_tab_qcap = tl_tab_q ? (size_t)(T * Kp) : 0;
+        if (!tl_tab_q) return NULL;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        g_kern->lut_tables(q + t * ldq, Kp, tl_tab + per * (size_t)t);
+        memcpy(tl_tab_q + t * Kp, q + t * ldq, (size_t)Kp);
+    }
+    tl_tab_T = T;
+    tl_tab_kp = Kp;
+    tl_tab_kern = g_kern;
+    return tl_tab;
 }
 
 #define BT_STACK_T 64
@@ -266,10 +318,12 @@ static void gemm_task(void *ctx, int tid, int n) {
 int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
                    const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
                    int64_t ldy) {
-    if (fmt != BT_FMT_2BIT_R4 && fmt != BT_FMT_1P6BIT_R4) return -2;
+    if (fmt != BT_FMT_2BIT_R4 && fmt != BT_FMT_1P6BIT_R4 && fmt != BT_FMT_1P67BIT_LUT) return -2;
     if (!w || !q || !rowsum || (!y && !yi) || (y && !s) || N <= 0 || K <= 0 || T < 0 || ldy < N) return -1;
     int64_t Kp = bt_padded_k(fmt, K);
     if (ldq < Kp) return -3;
+    if (fmt == BT_FMT_1P67BIT_LUT && Kp / 3 > 32767) return -1; /* per-row counts are int16 */
+    const int64_t Kd = fmt == BT_FMT_1P67BIT_LUT ? (Kp + 31) / 32 * 32 : Kp;
     if (T == 0) return 0;
     float fstack[BT_STACK_T];
     float *f = NULL;
@@ -295,13 +349,26 @@ int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, co
     j.m.yi = yi;
     j.m.ldy = ldy;
     j.k = g_kern;
-    j.ngroups = (N + BT_GROUP - 1) / BT_GROUP;
+    j.panel_k = Kd;
+    if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : 2;
+    if (mode == 2 && ldq < Kd) {
+        if (f && f != fstack) free(f);
+        return -3; /* the GEMM reads Kd zero-padded activation columns */
+    }
+    j.group = mode == 1 && fmt == BT_FMT_1P67BIT_LUT ? BT_LUT_ROWS : BT_GROUP;
+    j.ngroups = (N + j.group - 1) / j.group;
     int n = g_threads;
     if ((int64_t)n > j.ngroups) n = (int)j.ngroups;
-    if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : 2;
+    if (mode == 1 && fmt == BT_FMT_1P67BIT_LUT && g_kern->lut_tables) {
+        j.m.lut = lut_tables_for(q, ldq, T, Kp);
+        if (!j.m.lut) {
+            if (f && f != fstack) free(f);
+            return -4;
+        }
+    }
     if (mode == 1) {
         /* work items of ~g_item_bytes of weights (at least 1 group), several per thread */
-        int64_t group_bytes = BT_GROUP * j.m.row_bytes;
+        int64_t group_bytes = j.group * j.m.row_bytes;
         int64_t c = (g_item_bytes + group_bytes - 1) / group_bytes;
         int64_t fair = (j.ngroups + 4 * n - 1) / (4 * n);
         j.chunk = n == 1 ? j.ngroups : c < fair ? c : fair;
@@ -309,7 +376,7 @@ int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, co
     } else {
         /* one work item per panel of decoded rows (a multiple of the 4-row group); one K chunk of the
          * panel (at most BT_KC_BYTES columns, see the AVX2 GEMM) should fit in L2 */
-        int64_t pr = g_panel_bytes / (Kp < BT_KC_BYTES ? Kp : BT_KC_BYTES) / BT_GROUP * BT_GROUP;
+        int64_t pr = g_panel_bytes / (Kd < BT_KC_BYTES ? Kd : BT_KC_BYTES) / BT_GROUP * BT_GROUP;
         int64_t fair = (N + n - 1) / n; /* small N: still give every thread a panel */
         fair = (fair + BT_GROUP - 1) / BT_GROUP * BT_GROUP;
         if (pr > fair) pr = fair;

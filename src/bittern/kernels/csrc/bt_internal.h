@@ -11,6 +11,8 @@
 #define BT_GROUP 4          /* rows interleaved per group in the *-r4 layouts */
 #define BT_BLOCK_2B 128     /* columns per 32-byte block, 2bit-r4 */
 #define BT_BLOCK_1P6 160    /* columns per 32-byte block, 1.6bit-r4 */
+#define BT_BLOCK_LUT 24     /* columns per block (8 triples), 1.67bit-lut */
+#define BT_LUT_ROWS 32      /* rows per group, 1.67bit-lut */
 #define BT_SLICE 32         /* columns per SIMD slice (one 256-bit vector of int8) */
 #ifndef BT_WIDEN_SLICES
 /* int16 partial sums of maddubs products are widened to int32 at least every 64 products: each
@@ -47,6 +49,7 @@ typedef struct {
     float *y;             /* [T, ldy] float out, or NULL */
     int32_t *yi;          /* [T, ldy] raw int32 out when y == NULL */
     int64_t ldy;
+    const uint8_t *lut;   /* 1.67bit-lut GEMV: per-token tables (lut_table_bytes per triple), or NULL */
 } bt_mm;
 
 /* Writes the output of row n for token t from the raw (offset) accumulator: acc = raw - rowsum[t]. */
@@ -75,6 +78,12 @@ typedef struct {
     void (*gemm_decoded)(const bt_mm *a, int64_t row0, int64_t nrows, const uint8_t *D, int64_t t0, int64_t t1);
     /* streaming read of [p, p+n) */
     uint64_t (*stream_read)(const uint8_t *p, int64_t n, int64_t prefetch);
+    /* 1.67bit-lut GEMV for rows [row0, row1) (row0 a multiple of 32), tables in a->lut */
+    void (*gemv_lut)(const bt_mm *a, int64_t row0, int64_t row1);
+    /* the GEMV's per-token tables for q[0..Kp): lut_table_bytes per triple (0: no tables) */
+    void (*lut_tables)(const int8_t *q, int64_t Kp, uint8_t *tab);
+    int lut_table_bytes;
+    int panel_pairs; /* gemm_decoded reads the pair-interleaved panel (see bt_lut_decode) */
 } bt_kernels;
 
 extern const bt_kernels bt_kernels_scalar;
@@ -86,6 +95,14 @@ extern const bt_kernels bt_kernels_avx2;
 #define BT_HAVE_NEON_BUILD 1
 extern const bt_kernels bt_kernels_neon;
 #endif
+
+/* ---- 1.67bit-lut (bt_lut.c) ---- */
+int64_t bt_lut_row_bytes(int64_t Kp);
+const uint8_t *bt_lut_group_ptr(const bt_mm *a, int64_t g);
+int32_t bt_lut_neg_count(const bt_mm *a, int64_t n);
+int32_t bt_lut_dot_row(const bt_mm *a, int64_t n, const int8_t *q);
+void bt_lut_gemv_scalar(const bt_mm *a, int64_t row0, int64_t row1);
+void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, int64_t width, int pairs);
 
 /* ---- thread pool ---- */
 typedef void (*bt_task_fn)(void *ctx, int tid, int nthreads);
