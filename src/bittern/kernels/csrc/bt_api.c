@@ -267,7 +267,7 @@ static void gemm_task(void *ctx, int tid, int n) {
             /* the panel is Kd = Kp rounded up to 32 columns wide (the GEMM works in 32-column slices) */
             bt_mm m = j->m;
             m.Kp = j->panel_k;
-            bt_lut_decode(&j->m, p, np, D, j->panel_k, j->k->panel_pairs);
+            bt_lut_decode(&j->m, p, np, D, j->panel_k, j->k->panel_pairs, j->k->lut_decode_block);
             j->k->gemm_decoded(&m, p, np, D, 0, j->m.T);
         } else {
             j->k->decode(&j->m, p, np, D);
@@ -382,6 +382,8 @@ int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, co
         if (pr > fair) pr = fair;
         if (pr < BT_GROUP) pr = BT_GROUP;
         if (pr > BT_MAX_PANEL_ROWS) pr = BT_MAX_PANEL_ROWS;
+        /* 1.67bit-lut decodes whole 32-row groups: panels of whole groups waste no decoding */
+        if (fmt == BT_FMT_1P67BIT_LUT && pr >= BT_LUT_ROWS) pr = pr / BT_LUT_ROWS * BT_LUT_ROWS;
         j.panel_rows = pr;
         j.chunk = pr / BT_GROUP;
     }

@@ -477,6 +477,72 @@ AVX2_INLINE void gemv_lut_group(const uint8_t *p, int64_t nb, const uint8_t *tab
                         _mm256_add_epi32(s3, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(p + 48)))));
 }
 
+/* GEMM panel decode of one block of a full group (32 rows x 24 columns): the 24 column vectors (32 rows
+ * each: digit c of triple j from a 16-entry table of the canonical codes, 2 - digit where the sign mask
+ * is set) are transposed to rows by in-lane unpacks (bytes, words, dwords, qwords), which leave row r in
+ * lane 0 and row r + 16 in lane 1. */
+AVX2 static void lut_decode_block_avx2(const uint8_t *blk, uint8_t *tmp) {
+    const __m256i m15 = _mm256_set1_epi8(15), two = _mm256_set1_epi8(2);
+    const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
+                                          32, 64, 64, 64, 64, -128, -128, -128, -128);
+    /* codes + 1 of the canonical index, digit c (indices 14, 15: zero codes) */
+    const __m256i dt0 = _mm256_setr_epi8(1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
+                                         2, 2, 2, 1, 1);
+    const __m256i dt1 = _mm256_setr_epi8(1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1,
+                                         2, 2, 2, 1, 1);
+    const __m256i dt2 = _mm256_setr_epi8(1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 1, 1, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2,
+                                         0, 1, 2, 1, 1);
+    __m256i V[32];
+    const int32_t *sw = (const int32_t *)(const void *)(blk + 128);
+    for (int k = 0; k < 4; k++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(blk + 32 * k));
+        for (int h = 0; h < 2; h++) {
+            const int j = 2 * k + h;
+            const __m256i idx = h ? _mm256_and_si256(_mm256_srli_epi16(x, 4), m15) : _mm256_and_si256(x, m15);
+            const __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(sw[j]), bits), bits);
+            const __m256i d0 = _mm256_shuffle_epi8(dt0, idx), d1 = _mm256_shuffle_epi8(dt1, idx);
+            const __m256i d2 = _mm256_shuffle_epi8(dt2, idx);
+            V[3 * j] = _mm256_blendv_epi8(d0, _mm256_sub_epi8(two, d0), m);
+            V[3 * j + 1] = _mm256_blendv_epi8(d1, _mm256_sub_epi8(two, d1), m);
+            V[3 * j + 2] = _mm256_blendv_epi8(d2, _mm256_sub_epi8(two, d2), m);
+        }
+    }
+    for (int c = 24; c < 32; c++) V[c] = _mm256_setzero_si256();
+    for (int set = 0; set < 2; set++) { /* columns 16 set .. 16 set + 15 */
+        const __m256i *W = V + 16 * set;
+        __m256i S1[2][8], S2[4][4], S3[8][2];
+        for (int i = 0; i < 8; i++) {
+            S1[0][i] = _mm256_unpacklo_epi8(W[2 * i], W[2 * i + 1]); /* rows 0-7, columns 2i, 2i+1 */
+            S1[1][i] = _mm256_unpackhi_epi8(W[2 * i], W[2 * i + 1]); /* rows 8-15 */
+        }
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 4; i++) {
+                S2[2 * h][i] = _mm256_unpacklo_epi16(S1[h][2 * i], S1[h][2 * i + 1]);     /* rows 8h+0..3 */
+                S2[2 * h + 1][i] = _mm256_unpackhi_epi16(S1[h][2 * i], S1[h][2 * i + 1]); /* rows 8h+4..7 */
+            }
+        for (int q = 0; q < 4; q++)
+            for (int i = 0; i < 2; i++) {
+                S3[2 * q][i] = _mm256_unpacklo_epi32(S2[q][2 * i], S2[q][2 * i + 1]);     /* rows 4q, 4q+1 */
+                S3[2 * q + 1][i] = _mm256_unpackhi_epi32(S2[q][2 * i], S2[q][2 * i + 1]); /* rows 4q+2, 4q+3 */
+            }
+        for (int e = 0; e < 8; e++) {
+            const __m256i r0 = _mm256_unpacklo_epi64(S3[e][0], S3[e][1]); /* row 2e | row 2e + 16 */
+            const __m256i r1 = _mm256_unpackhi_epi64(S3[e][0], S3[e][1]); /* row 2e + 1 | row 2e + 17 */
+            if (set == 0) {
+                _mm_storeu_si128((__m128i *)(tmp + 32 * (2 * e)), _mm256_castsi256_si128(r0));
+                _mm_storeu_si128((__m128i *)(tmp + 32 * (2 * e + 16)), _mm256_extracti128_si256(r0, 1));
+                _mm_storeu_si128((__m128i *)(tmp + 32 * (2 * e + 1)), _mm256_castsi256_si128(r1));
+                _mm_storeu_si128((__m128i *)(tmp + 32 * (2 * e + 17)), _mm256_extracti128_si256(r1, 1));
+            } else { /* columns 16..23 (the low 8 bytes) */
+                _mm_storel_epi64((__m128i *)(tmp + 32 * (2 * e) + 16), _mm256_castsi256_si128(r0));
+                _mm_storel_epi64((__m128i *)(tmp + 32 * (2 * e + 16) + 16), _mm256_extracti128_si256(r0, 1));
+                _mm_storel_epi64((__m128i *)(tmp + 32 * (2 * e + 1) + 16), _mm256_castsi256_si128(r1));
+                _mm_storel_epi64((__m128i *)(tmp + 32 * (2 * e + 17) + 16), _mm256_extracti128_si256(r1, 1));
+            }
+        }
+    }
+}
+
 AVX2 static void gemv_lut_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
     const int64_t nb = a->Kp / BT_BLOCK_LUT, full = a->N / BT_LUT_ROWS;
     const size_t per = (size_t)(a->Kp / 3) * 32;
@@ -858,7 +924,7 @@ AVX2 static uint64_t stream_read_avx2(const uint8_t *p, int64_t n, int64_t prefe
 
 const bt_kernels bt_kernels_avx2 = {
     "avx2", quantize_row_avx2, gemv_avx2, decode_avx2, gemm_decoded_avx2, stream_read_avx2, gemv_lut_avx2,
-    lut_tables_avx2, 32, 1,
+    lut_tables_avx2, 32, 1, lut_decode_block_avx2,
 };
 
 #else

@@ -84,6 +84,8 @@ typedef struct {
     void (*lut_tables)(const int8_t *q, int64_t Kp, uint8_t *tab);
     int lut_table_bytes;
     int panel_pairs; /* gemm_decoded reads the pair-interleaved panel (see bt_lut_decode) */
+    /* decodes one 160-byte block of a full 32-row group to codes + 1, row r at tmp + 32 r (NULL: portable) */
+    void (*lut_decode_block)(const uint8_t *blk, uint8_t *tmp);
 } bt_kernels;
 
 extern const bt_kernels bt_kernels_scalar;
@@ -102,7 +104,10 @@ const uint8_t *bt_lut_group_ptr(const bt_mm *a, int64_t g);
 int32_t bt_lut_neg_count(const bt_mm *a, int64_t n);
 int32_t bt_lut_dot_row(const bt_mm *a, int64_t n, const int8_t *q);
 void bt_lut_gemv_scalar(const bt_mm *a, int64_t row0, int64_t row1);
-void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, int64_t width, int pairs);
+typedef void (*bt_lut_block_fn)(const uint8_t *blk, uint8_t *tmp);
+void bt_lut_decode_block(const uint8_t *blk, uint8_t *tmp);
+void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, int64_t width, int pairs,
+                   bt_lut_block_fn block);
 
 /* ---- thread pool ---- */
 typedef void (*bt_task_fn)(void *ctx, int tid, int nthreads);

@@ -110,51 +110,55 @@ void bt_lut_gemv_scalar(const bt_mm *a, int64_t row0, int64_t row1) {
     }
 }
 
+/* Portable block decoder: the 32 rows of a full group's 160-byte block to codes + 1, row r at tmp + 32 r
+ * (24 bytes). One lookup per pair of triples; the sign words are regrouped per row with four 8x8 bit
+ * transposes. */
+void bt_lut_decode_block(const uint8_t *blk, uint8_t *tmp) {
+    uint8_t sbyte[BT_LUT_ROWS];
+    for (int k = 0; k < 4; k++) { /* byte k of the 8 sign words -> sign bytes of rows 4 i + k */
+        uint64_t x = 0;
+        for (int j = 0; j < 8; j++) x |= (uint64_t)blk[128 + 4 * j + k] << (8 * j);
+        x = transpose8x8(x);
+        for (int i = 0; i < 8; i++) sbyte[4 * i + k] = (uint8_t)(x >> (8 * i));
+    }
+    for (int r = 0; r < BT_LUT_ROWS; r++) {
+        const uint32_t u = (uint32_t)blk[r] | (uint32_t)blk[32 + r] << 8 | (uint32_t)blk[64 + r] << 16 |
+                           (uint32_t)blk[96 + r] << 24;
+        decode_row_block(u, sbyte[r], tmp + 32 * r);
+    }
+}
+
 /* Decoded rows of `width` bytes (codes + 1, zero codes after Kp), row-major, or (pairs) the AVX2 panel:
  * rows 2p and 2p+1 alternate 32-byte slices and a lone last row stands alone (see dslot in bt_avx2.c).
- * Per row and block: one lookup per pair of triples in a 1024-entry table; the sign bits of a full group
- * are regrouped per row with four 8x8 bit transposes per block. */
-void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, int64_t width, int pairs) {
+ * Full groups go through `block` (an ISA's block decoder, or the portable one), a block at a time. */
+void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, int64_t width, int pairs,
+                   bt_lut_block_fn block) {
     const int64_t nb = a->Kp / BT_BLOCK_LUT, full = a->N / BT_LUT_ROWS;
-    uint8_t buf[32];
+    uint8_t tmp[BT_LUT_ROWS * 32 + 8];
+    if (!block) block = bt_lut_decode_block;
     for (int64_t r = 0; r < nrows;) {
         const int64_t n = row0 + r, g = n / BT_LUT_ROWS;
         const int64_t gend = g < full ? (g + 1) * BT_LUT_ROWS : a->N; /* rows of this group */
         const int64_t rows_here = gend - n < nrows - r ? gend - n : nrows - r;
         const uint8_t *gp = bt_lut_group_ptr(a, g);
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t sbyte[BT_LUT_ROWS];
-            const uint8_t *blk = gp + 160 * b;
-            if (g < full) {
-                for (int k = 0; k < 4; k++) { /* byte k of the 8 sign words -> sign bytes of rows 4 i + k */
-                    uint64_t x = 0;
-                    for (int j = 0; j < 8; j++) x |= (uint64_t)blk[128 + 4 * j + k] << (8 * j);
-                    x = transpose8x8(x);
-                    for (int i = 0; i < 8; i++) sbyte[4 * i + k] = (uint8_t)(x >> (8 * i));
-                }
-            }
+            if (g < full) block(gp + 160 * b, tmp);
             for (int64_t i = 0; i < rows_here; i++) {
                 const int64_t rr = n + i - g * BT_LUT_ROWS; /* row within the group */
-                uint32_t u;
-                unsigned sg;
-                if (g < full) {
-                    u = (uint32_t)blk[rr] | (uint32_t)blk[32 + rr] << 8 | (uint32_t)blk[64 + rr] << 16 |
-                        (uint32_t)blk[96 + rr] << 24;
-                    sg = sbyte[rr];
-                } else {
+                const uint8_t *src = tmp + 32 * rr;
+                if (g >= full) { /* short last group: row after row */
                     const uint8_t *rb = gp + rr * a->row_bytes + 5 * b;
-                    u = (uint32_t)rb[0] | (uint32_t)rb[1] << 8 | (uint32_t)rb[2] << 16 | (uint32_t)rb[3] << 24;
-                    sg = rb[4];
+                    const uint32_t u = (uint32_t)rb[0] | (uint32_t)rb[1] << 8 | (uint32_t)rb[2] << 16 | (uint32_t)rb[3] << 24;
+                    decode_row_block(u, rb[4], tmp);
+                    src = tmp;
                 }
-                /* invalid indices 14, 15 decode as zero codes (the table holds 1s there) */
-                decode_row_block(u, sg, buf);
                 const int64_t row = r + i;
                 const int alone = !pairs || ((nrows & 1) && row == nrows - 1);
                 uint8_t *base = alone ? dst + row * width : dst + (row >> 1) * 2 * width + 32 * (row & 1);
                 const int64_t sst = alone ? 32 : 64;
                 for (int c = 0; c < 3; c++) { /* 8-byte pieces never cross a 32-column slice */
                     const int64_t k = 24 * b + 8 * c;
-                    memcpy(base + (k >> 5) * sst + (k & 31), buf + 8 * c, 8);
+                    memcpy(base + (k >> 5) * sst + (k & 31), src + 8 * c, 8);
                 }
             }
         }
