@@ -244,7 +244,7 @@ def quality(model_dir: str, text_chars: int = 40_000, window: int | None = None)
     base = Engine.load(model_dir, head="f32", kv_dtype="f32")
     ids = base.encode(text)
     out["tokens"] = len(ids)
-    for head in ("f32", "bf16", "int8", "int6"):
+    for head in ("f32", "bf16", "int8", "int6", "int5"):
         e = base if head == "f32" else Engine.load(model_dir, head=head, kv_dtype="f32")
         out["head"][head] = {"ppl": e.perplexity(ids, window), "head_bytes": e.model.head.nbytes}
     for kv in ("f16", "bf16", "int8"):

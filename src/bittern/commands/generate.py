@@ -12,7 +12,7 @@ from ..errors import UsageError
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="packed model directory (default: the model shipped with bittern, if any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--head", default="auto", choices=["auto", "int8", "int6", "bf16", "f16", "f32"],
+    p.add_argument("--head", default="auto", choices=["auto", "int8", "int6", "int5", "bf16", "f16", "f32"],
                    help="LM head / tied embedding precision in memory (default auto: int6 with per-row scales "
                         "when the hidden size is a multiple of 128, else int8)")
     p.add_argument("--kv", default="f16", choices=["f16", "bf16", "f32", "int8"], help="KV-cache precision (default: f16)")

@@ -1,4 +1,4 @@
-"""Token embedding and LM head as the engine stores them: float32, bfloat16, or int8 / 6-bit with per-row scales.
+"""Token embedding and LM head as the engine stores them: float32, bfloat16, or int8 / 6-bit / 5-bit with per-row scales.
 
 The LM head is the largest single read per token (about 40% of the bytes at 2B4T shape in bfloat16),
 so it may be stored compactly:
@@ -12,6 +12,7 @@ so it may be stored compactly:
             C kernel (:mod:`bittern.engine.headkernel`, part of the native library).
 ``"int6"``  6-bit rows (codes in [-31, 31], 0.75 bytes per weight) with one float32 scale per row;
             same activations and kernel family. At 2B4T shape 246 MB instead of int8's 329 MB.
+``"int5"``  5-bit rows (codes in [-15, 15], 0.625 bytes per weight): 205 MB at 2B4T shape.
 
 ``"auto"`` (the engine's default) picks ``"int6"`` when the hidden size is a multiple of 128 (no padding)
 and ``"int8"`` otherwise.
@@ -24,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-HEAD_FORMATS = ("f32", "bf16", "f16", "int8", "int6")
-_QMAX = {"int8": 127, "int6": 31}
+HEAD_FORMATS = ("f32", "bf16", "f16", "int8", "int6", "int5")
+_QMAX = {"int8": 127, "int6": 31, "int5": 15}
 _FLOAT = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 

@@ -21,8 +21,8 @@ import threading
 
 import torch
 
-HEAD_CODES = {"int8": 0, "int6": 1}
-"""Head formats of the C library and their ids (``BT_HEAD_I8``, ``BT_HEAD_I6``)."""
+HEAD_CODES = {"int8": 0, "int6": 1, "int5": 2}
+"""Head formats of the C library and their ids (``BT_HEAD_I8``, ``BT_HEAD_I6``, ``BT_HEAD_I5``)."""
 _SRC_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()

@@ -92,7 +92,7 @@ BT_API const char *bt_threading_name(void);
 /* ---- engine kernels (bt_engine.c): LM head and per-token decode glue ---- */
 
 /* LM-head row formats: int8 codes, or 6-bit codes packed 96 bytes per 128 columns (see bt_engine.c) */
-enum { BT_HEAD_I8 = 0, BT_HEAD_I6 = 1 };
+enum { BT_HEAD_I8 = 0, BT_HEAD_I6 = 1, BT_HEAD_I5 = 2 };
 
 /* Bytes per head row of K columns (-2: unknown format). */
 BT_API int64_t bt_head_row_bytes(int fmt, int64_t K);

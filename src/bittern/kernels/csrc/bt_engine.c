@@ -15,6 +15,11 @@
  *               bytes [64, 96): bits 2i..2i+1 = v[32 i + j] >> 4, i = 0..3
  *               (j = 0..31, columns relative to the block). The kernel multiplies v (unsigned) with q
  *               and subtracts 32 * rowsum.
+ *   BT_HEAD_I5  Kp as for I6, 80 bytes per 128-column block; codes in [-15, 15], scale = max|w| / 15,
+ *               stored as v = code + 16 in [1, 31] (padding columns hold 16): bytes [0, 64) hold the low
+ *               nibbles as for I6; bytes [64 + 4 i, 68 + 4 i) are word i, whose byte j % 4 holds
+ *               v[32 i + j] >> 4 in bit j / 4 (the order a broadcast word unpacks into with one and
+ *               and one compare). The kernel subtracts 16 * rowsum.
  */
 #define _DEFAULT_SOURCE 1 /* madvise, sysconf under -std=c11 */
 #include "bt_internal.h"
@@ -120,28 +125,38 @@ int64_t bt_head_row_bytes(int fmt, int64_t K) {
     if (K <= 0) return -1;
     if (fmt == BT_HEAD_I8) return K;
     if (fmt == BT_HEAD_I6) return (K + 127) / 128 * 96;
+    if (fmt == BT_HEAD_I5) return (K + 127) / 128 * 80;
     return -2;
 }
 
-static inline int i6_get(const uint8_t *row, int64_t k) {
-    const uint8_t *blk = row + (k / 128) * 96;
+static inline int head_block_bytes(int fmt) { return fmt == BT_HEAD_I6 ? 96 : 80; }
+static inline int head_offset(int fmt) { return fmt == BT_HEAD_I6 ? 32 : 16; }
+
+/* code of column k of a 6-bit (I6) or 5-bit (I5) row */
+static inline int lowbit_get(int fmt, const uint8_t *row, int64_t k) {
+    const uint8_t *blk = row + (k / 128) * head_block_bytes(fmt);
     int r = (int)(k % 128), i = r / 32, j = r % 32;
     int lo = i & 1 ? blk[32 + j] : blk[j];
     lo = i >= 2 ? lo >> 4 : lo & 15;
-    int hi = (blk[64 + j] >> (2 * i)) & 3;
-    return (lo | (hi << 4)) - 32;
+    if (fmt == BT_HEAD_I6) return (lo | (((blk[64 + j] >> (2 * i)) & 3) << 4)) - 32;
+    return (lo | (((blk[64 + 4 * i + (j & 3)] >> (j >> 2)) & 1) << 4)) - 16;
 }
 
-static inline void i6_put(uint8_t *row, int64_t k, int code) {
-    uint8_t *blk = row + (k / 128) * 96;
+static inline void lowbit_put(int fmt, uint8_t *row, int64_t k, int code) {
+    uint8_t *blk = row + (k / 128) * head_block_bytes(fmt);
     int r = (int)(k % 128), i = r / 32, j = r % 32;
-    int v = code + 32;
+    int v = code + head_offset(fmt);
     uint8_t *lo = i & 1 ? blk + 32 + j : blk + j;
     if (i >= 2)
         *lo = (uint8_t)((*lo & 0x0f) | ((v & 15) << 4));
     else
         *lo = (uint8_t)((*lo & 0xf0) | (v & 15));
-    blk[64 + j] = (uint8_t)((blk[64 + j] & ~(3 << (2 * i))) | ((v >> 4) << (2 * i)));
+    if (fmt == BT_HEAD_I6) {
+        blk[64 + j] = (uint8_t)((blk[64 + j] & ~(3 << (2 * i))) | ((v >> 4) << (2 * i)));
+    } else {
+        uint8_t *hb = blk + 64 + 4 * i + (j & 3);
+        *hb = (uint8_t)((*hb & ~(1 << (j >> 2))) | (((v >> 4) & 1) << (j >> 2)));
+    }
 }
 
 static inline float load_src(const void *src, int dt, int64_t i) {
@@ -154,7 +169,7 @@ int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int
                      int release) {
     int64_t rb = bt_head_row_bytes(fmt, cols);
     if (!src || !codes || !scales || rows <= 0 || rb < 0 || dtype < 0 || dtype > 2) return -1;
-    const float qmax = fmt == BT_HEAD_I8 ? 127.0f : 31.0f;
+    const float qmax = fmt == BT_HEAD_I8 ? 127.0f : fmt == BT_HEAD_I6 ? 31.0f : 15.0f;
     size_t es = dtype == BT_DT_F32 ? 4 : 2;
     long page = sysconf(_SC_PAGESIZE);
     uintptr_t done = ((uintptr_t)src + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
@@ -169,17 +184,17 @@ int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int
         if (amax < 1e-8f) amax = 1e-8f;
         float sc = amax / qmax;
         uint8_t *out = codes + r * rb;
-        if (fmt == BT_HEAD_I6) memset(out, 0, (size_t)rb);
+        if (fmt != BT_HEAD_I8) memset(out, 0, (size_t)rb);
         for (int64_t k = 0; k < cols; k++) {
             float v = nearbyintf(load_src(row, dtype, k) / sc);
             int c = (int)(v > qmax ? qmax : (v < -qmax ? -qmax : v));
             if (fmt == BT_HEAD_I8)
                 out[k] = (uint8_t)(int8_t)c;
             else
-                i6_put(out, k, c);
+                lowbit_put(fmt, out, k, c);
         }
-        if (fmt == BT_HEAD_I6)
-            for (int64_t k = cols; k < (cols + 127) / 128 * 128; k++) i6_put(out, k, 0);
+        if (fmt != BT_HEAD_I8)
+            for (int64_t k = cols; k < (cols + 127) / 128 * 128; k++) lowbit_put(fmt, out, k, 0);
         scales[r] = sc;
         if (release && (r % 256 == 255 || r == rows - 1)) {
             uintptr_t end = (uintptr_t)(row + (size_t)cols * es);
@@ -203,7 +218,7 @@ int bt_head_rows(int fmt, const uint8_t *w, const float *scale, int64_t rows, in
         const uint8_t *row = w + ids[i] * rb;
         float sc = scale[ids[i]];
         for (int64_t k = 0; k < K; k++)
-            out[i * K + k] = (float)(fmt == BT_HEAD_I8 ? (int8_t)row[k] : i6_get(row, k)) * sc;
+            out[i * K + k] = (float)(fmt == BT_HEAD_I8 ? (int8_t)row[k] : lowbit_get(fmt, row, k)) * sc;
     }
     return 0;
 }
@@ -242,7 +257,7 @@ static void head_rows_generic(const head_job *j, int64_t n0, int64_t n1) {
             if (j->fmt == BT_HEAD_I8)
                 for (int64_t k = 0; k < j->K; k++) acc += (int32_t)q[k] * (int32_t)(int8_t)row[k];
             else
-                for (int64_t k = 0; k < j->K; k++) acc += (int32_t)q[k] * i6_get(row, k);
+                for (int64_t k = 0; k < j->K; k++) acc += (int32_t)q[k] * lowbit_get(j->fmt, row, k);
             head_store(j, t, n, acc);
         }
     }
@@ -326,6 +341,49 @@ AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
         }
     }
 }
+
+/* 5-bit rows: v = code + 16 in [1, 31]; the fifth bits come from one broadcast word per 32 columns
+ * (and + compare against the bit pattern, then 16 where set); acc - 16 * rowsum is the product. */
+AVX2_FN void head_i5_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i m16 = _mm256_set1_epi8(16);
+    const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
+                                          32, 64, 64, 64, 64, -128, -128, -128, -128);
+    const int64_t nb = j->rb / 80;
+#define HI5(w) _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(w), bits), bits), m16)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = j->w + n * j->rb;
+        for (int64_t t0 = 0; t0 < j->T; t0 += 4) {
+            const int tt = j->T - t0 < 4 ? (int)(j->T - t0) : 4;
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *p = row + 80 * b;
+                _mm_prefetch((const char *)p + 2048, _MM_HINT_T0);
+                _mm_prefetch((const char *)p + 2048 + 64, _MM_HINT_T0);
+                const __m256i A = _mm256_loadu_si256((const __m256i *)p);
+                const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 32));
+                int32_t hw[4];
+                memcpy(hw, p + 64, 16);
+                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(A, m4), HI5(hw[0]));
+                const __m256i v1 = _mm256_or_si256(_mm256_and_si256(B, m4), HI5(hw[1]));
+                const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), HI5(hw[2]));
+                const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), HI5(hw[3]));
+                for (int t = 0; t < tt; t++) {
+                    const int8_t *qb = j->q + (t0 + t) * j->ldq + 128 * b;
+                    __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i *)qb)),
+                                                  _mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i *)(qb + 32))));
+                    __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(v2, _mm256_loadu_si256((const __m256i *)(qb + 64))),
+                                                  _mm256_maddubs_epi16(v3, _mm256_loadu_si256((const __m256i *)(qb + 96))));
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones)));
+                }
+            }
+            for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - 16 * j->rowsum[t0 + t]);
+        }
+    }
+#undef HI5
+}
 #endif
 
 static void head_task(void *ctx, int tid, int n) {
@@ -340,8 +398,10 @@ static void head_task(void *ctx, int tid, int n) {
         if (j->avx2) {
             if (j->fmt == BT_HEAD_I8)
                 head_i8_rows_avx2(j, a, b);
-            else
+            else if (j->fmt == BT_HEAD_I6)
                 head_i6_rows_avx2(j, a, b);
+            else
+                head_i5_rows_avx2(j, a, b);
             continue;
         }
 #endif
@@ -354,7 +414,7 @@ int bt_head_matmul(int fmt, const uint8_t *w, const float *scale, int64_t N, int
     int64_t rb = bt_head_row_bytes(fmt, K);
     if (rb == -2) return -2;
     if (!w || !scale || !q || !rowsum || !s || !y || N <= 0 || rb < 0 || T < 0 || ldy < N) return -1;
-    if (ldq < (fmt == BT_HEAD_I6 ? rb / 96 * 128 : K)) return -3;
+    if (ldq < (fmt == BT_HEAD_I8 ? K : rb / head_block_bytes(fmt) * 128)) return -3;
     if (T == 0) return 0;
     head_job j = {.fmt = fmt, .w = w, .scale = scale, .N = N, .K = K, .rb = rb, .q = q, .ldq = ldq, .rowsum = rowsum,
                   .s = s, .T = T, .y = y, .ldy = ldy, .avx2 = use_avx2()};
