@@ -303,10 +303,24 @@ AVX2_FN void head_i8_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
     }
 }
 
+/* acc[t] += the products of one 128-column block of unsigned codes v0..v3 (columns 0-31, ..., 96-127) with
+ * tokens t0 .. t0 + tt - 1; codes <= 63: a pair is within 2*63*128 = 16128, two pairs within int16 */
+AVX2_INL void lowbit_block_tokens(const head_job *j, int64_t t0, int tt, int64_t b, __m256i v0, __m256i v1, __m256i v2,
+                                  __m256i v3, __m256i acc[4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < tt; t++) {
+        const int8_t *qb = j->q + (t0 + t) * j->ldq + 128 * b;
+        __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i *)qb)),
+                                      _mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i *)(qb + 32))));
+        __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(v2, _mm256_loadu_si256((const __m256i *)(qb + 64))),
+                                      _mm256_maddubs_epi16(v3, _mm256_loadu_si256((const __m256i *)(qb + 96))));
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones)));
+    }
+}
+
 /* 6-bit rows: v = code + 32 in [1, 63] unsigned times q; a pair is within 2*63*128 = 16128, two
  * pairs within int16; acc - 32 * rowsum is the product with the codes. */
 AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
-    const __m256i ones = _mm256_set1_epi16(1);
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i m30 = _mm256_set1_epi8(0x30);
     const int64_t nb = j->rb / 96;
@@ -328,14 +342,7 @@ AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
                 const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(Hb, m30));
                 const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
                                                    _mm256_and_si256(_mm256_srli_epi16(Hb, 2), m30));
-                for (int t = 0; t < tt; t++) {
-                    const int8_t *qb = j->q + (t0 + t) * j->ldq + 128 * b;
-                    __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i *)qb)),
-                                                  _mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i *)(qb + 32))));
-                    __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(v2, _mm256_loadu_si256((const __m256i *)(qb + 64))),
-                                                  _mm256_maddubs_epi16(v3, _mm256_loadu_si256((const __m256i *)(qb + 96))));
-                    acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones)));
-                }
+                lowbit_block_tokens(j, t0, tt, b, v0, v1, v2, v3, acc);
             }
             for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - 32 * j->rowsum[t0 + t]);
         }
@@ -345,7 +352,6 @@ AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
 /* 5-bit rows: v = code + 16 in [1, 31]; the fifth bits come from one broadcast word per 32 columns
  * (and + compare against the bit pattern, then 16 where set); acc - 16 * rowsum is the product. */
 AVX2_FN void head_i5_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
-    const __m256i ones = _mm256_set1_epi16(1);
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i m16 = _mm256_set1_epi8(16);
     const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
@@ -370,14 +376,7 @@ AVX2_FN void head_i5_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
                 const __m256i v1 = _mm256_or_si256(_mm256_and_si256(B, m4), HI5(hw[1]));
                 const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), HI5(hw[2]));
                 const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), HI5(hw[3]));
-                for (int t = 0; t < tt; t++) {
-                    const int8_t *qb = j->q + (t0 + t) * j->ldq + 128 * b;
-                    __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i *)qb)),
-                                                  _mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i *)(qb + 32))));
-                    __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(v2, _mm256_loadu_si256((const __m256i *)(qb + 64))),
-                                                  _mm256_maddubs_epi16(v3, _mm256_loadu_si256((const __m256i *)(qb + 96))));
-                    acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones)));
-                }
+                lowbit_block_tokens(j, t0, tt, b, v0, v1, v2, v3, acc);
             }
             for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - 16 * j->rowsum[t0 + t]);
         }
