@@ -273,7 +273,7 @@ def main() -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="/tmp/bittern-bench", help="where random models are created")
     ap.add_argument("--config", default="2B4T")
-    ap.add_argument("--layouts", default="1.6bit-r4", help="comma-separated packed layouts to measure")
+    ap.add_argument("--layouts", default="1.67bit-lut", help="comma-separated packed layouts to measure")
     ap.add_argument("--heads", default="auto", help="comma-separated LM-head formats to measure (auto = int6 at 2B4T)")
     ap.add_argument("--kv", default="f16")
     ap.add_argument("--threads", default="1,2")

@@ -114,15 +114,16 @@ def test_load_from_directory_equals_load_packed(tmp_path, layout: str) -> None:
     torch.testing.assert_close(engine.logits(ids), ref(torch.tensor([ids]))[0], atol=1e-4, rtol=1e-4)
 
 
-def test_create_random_model_streams_a_loadable_file(tmp_path) -> None:
+@pytest.mark.parametrize("layout", ["1.6bit-r4", "1.67bit-lut"])
+def test_create_random_model_streams_a_loadable_file(tmp_path, layout: str) -> None:
     cfg = get_config("tiny-2b4t")
-    d = create_random_model(tmp_path / "r", cfg, layout="1.6bit-r4", seed=3)
-    ref = load_packed(d)
+    d = create_random_model(tmp_path / "r", cfg, layout=layout, seed=3)
+    ref = load_packed(d)  # unpacks (and so validates) every weight
     engine = Engine(EngineModel.load(d, head="f32"), kv_dtype="f32")
     ids = [9, 8, 7, 6, 5]
     out = engine.logits(ids)
     assert out.std() > 0
     torch.testing.assert_close(out, ref(torch.tensor([ids]))[0], atol=1e-4, rtol=1e-4)
     # another seed gives other weights
-    d2 = create_random_model(tmp_path / "r2", cfg, layout="1.6bit-r4", seed=4)
+    d2 = create_random_model(tmp_path / "r2", cfg, layout=layout, seed=4)
     assert not torch.equal(Engine(EngineModel.load(d2, head="f32")).logits(ids), out)

@@ -216,7 +216,7 @@ def _bench_shape(
 
 
 _HEADER = (
-    f"{'model':5s} {'layer':7s} {'N x K':>12s} {'fmt':9s} {'thr':>3s} | {'GEMV us':>8s} {'GB/s':>6s} "
+    f"{'model':5s} {'layer':7s} {'N x K':>12s} {'fmt':11s} {'thr':>3s} | {'GEMV us':>8s} {'Gw/s':>6s} {'GB/s':>6s} "
     f"{'roof':>6s} {'%roof':>6s} {'x fp32':>7s} {'x bf16':>7s} | {'GEMM ms':>8s} {'GMAC/s':>7s} "
     f"{'x fp32':>7s} {'x bf16':>7s}"
 )
@@ -229,8 +229,8 @@ def _fmt(v: float | None, spec: str) -> str:
 def _format_row(r: dict) -> str:
     shape = f"{r['out_features']}x{r['in_features']}"
     line = (
-        f"{r['model']:5s} {r['layer']:7s} {shape:>12s} {r['format']:9s} {r['threads']:3d} | "
-        f"{r['gemv_s'] * 1e6:8.1f} {r['gemv_gbps']:6.1f} {r['roof_gbps']:6.1f} {r['roof_pct']:5.0f}% "
+        f"{r['model']:5s} {r['layer']:7s} {shape:>12s} {r['format']:11s} {r['threads']:3d} | "
+        f"{r['gemv_s'] * 1e6:8.1f} {r['gemv_gweights_per_s']:6.1f} {r['gemv_gbps']:6.1f} {r['roof_gbps']:6.1f} {r['roof_pct']:5.0f}% "
         f"{_fmt(r['speedup_vs_fp32'], '7.2f')} {_fmt(r['speedup_vs_bf16'], '7.2f')} |"
     )
     if "gemm_s" in r:
@@ -309,7 +309,8 @@ def run_kernel_bench(
         f"clock: {settings['clock']}, load average {machine['loadavg']}"
     )
     say("# GEMV: 1 token, weights rotate over copies > min_bytes (DRAM); roof = same-run streaming read of the")
-    say("# same bytes (AVX2 loads, same threads); x fp32/x bf16 = torch F.linear time / kernel time;")
+    say("# same bytes (AVX2 loads, same threads); Gw/s = G weights per second (compares formats of different")
+    say("# sizes); x fp32/x bf16 = torch F.linear time / kernel time;")
     say(f"# GEMM: {gemm_tokens} tokens, GMAC/s = weights x tokens / s.")
     say(_HEADER)
     results: list[dict] = []

@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mc = msub.add_parser("create", help="write a random-weight packed model of a named shape (streaming)")
     mc.add_argument("--config", required=True, help="named shape from bittern.configs.CONFIGS (e.g. 2B4T, 70B)")
     mc.add_argument("--random", required=True, metavar="OUT", help="output model directory")
-    mc.add_argument("--layout", default="1.6bit-r4", help="packed layout: 1.6bit-r4 (default, smallest), 2bit-r4 or 1.67bit-lut (lookup-table GEMV)")
+    mc.add_argument("--layout", default="1.67bit-lut",
+                    help="packed layout: 1.67bit-lut (default: lookup-table GEMV, the fastest decode), 2bit-r4 "
+                         "(fastest prefill) or 1.6bit-r4 (smallest)")
     mc.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="float tensors' dtype")
     mc.add_argument("--seed", type=int, default=0, help="random seed")
     mc.add_argument("--max-seq-len", type=int, default=None, help="override the context length")

@@ -57,7 +57,8 @@ def _chunks(name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: str, 
     if name.endswith("weight_packed"):
         out_f, in_f = _linear_shape(name, cfg)
         pack = get_layout(layout).pack
-        pool_rows = min(POOL_ROWS, out_f - out_f % 4) or out_f
+        # chunks of whole 32-row groups (the r4 layouts need 4, 1.67bit-lut 32), the remainder last
+        pool_rows = min(POOL_ROWS, out_f - out_f % 32) or out_f
         pool = pack(torch.randint(-1, 2, (pool_rows, in_f), dtype=torch.int8, generator=g))
         done = 0
         while out_f - done >= pool_rows:
@@ -82,7 +83,7 @@ def _linear_shape(name: str, cfg: ModelConfig) -> tuple[int, int]:
     return cfg.linear_shapes()[short]
 
 
-def create_random_model(directory: str | os.PathLike, config: ModelConfig, layout: str = "1.6bit-r4",
+def create_random_model(directory: str | os.PathLike, config: ModelConfig, layout: str = "1.67bit-lut",
                         dtype: str = "float16", seed: int = 0,
                         progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a random-weight packed model of ``config``'s shape to ``directory``; returns the directory.
