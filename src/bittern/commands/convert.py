@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output path (a directory for bittern/hf, a file for gguf)")
     p.add_argument("--to", choices=["bittern", "hf", "gguf"], default=None,
                    help="output format (default: gguf when DST ends in .gguf, else bittern)")
-    p.add_argument("--layout", default="2bit", help="bittern packed layout: 2bit or 1.6bit (default 2bit)")
+    p.add_argument("--layout", default="2bit",
+                   help="bittern packed layout: 2bit (default) or 1.6bit, or a native kernel layout: 2bit-r4, "
+                        "1.6bit-r4, 1.67bit-lut")
     p.add_argument("--weight-type", default="TQ2_0", choices=["TQ2_0", "TQ1_0", "F16"],
                    help="GGUF type of the ternary weights (default TQ2_0)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
