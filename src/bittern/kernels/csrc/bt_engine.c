@@ -318,45 +318,18 @@ AVX2_INL void lowbit_block_tokens(const head_job *j, int64_t t0, int tt, int64_t
     }
 }
 
-/* 6-bit rows: v = code + 32 in [1, 63] unsigned times q; a pair is within 2*63*128 = 16128, two
- * pairs within int16; acc - 32 * rowsum is the product with the codes. */
-AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
+/* 6-bit rows (v = code + 32 in [1, 63]) and 5-bit rows (v = code + 16 in [1, 31]): per 128-column block
+ * the four vectors of unsigned v (columns 0-31, ..., 96-127) from the low nibbles and the high bits
+ * (I6: two bits per column in one 32-byte vector; I5: one broadcast word per 32 columns, unpacked with
+ * an and + compare); acc - offset * rowsum is the product with the codes. */
+AVX2_FN void head_lowbit_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i m30 = _mm256_set1_epi8(0x30);
-    const int64_t nb = j->rb / 96;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = j->w + n * j->rb;
-        for (int64_t t0 = 0; t0 < j->T; t0 += 4) {
-            const int tt = j->T - t0 < 4 ? (int)(j->T - t0) : 4;
-            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                              _mm256_setzero_si256()};
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *p = row + 96 * b;
-                _mm_prefetch((const char *)p + 2048, _MM_HINT_T0);
-                _mm_prefetch((const char *)p + 2048 + 64, _MM_HINT_T0);
-                const __m256i A = _mm256_loadu_si256((const __m256i *)p);
-                const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 32));
-                const __m256i Hb = _mm256_loadu_si256((const __m256i *)(p + 64));
-                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 4), m30));
-                const __m256i v1 = _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 2), m30));
-                const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(Hb, m30));
-                const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
-                                                   _mm256_and_si256(_mm256_srli_epi16(Hb, 2), m30));
-                lowbit_block_tokens(j, t0, tt, b, v0, v1, v2, v3, acc);
-            }
-            for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - 32 * j->rowsum[t0 + t]);
-        }
-    }
-}
-
-/* 5-bit rows: v = code + 16 in [1, 31]; the fifth bits come from one broadcast word per 32 columns
- * (and + compare against the bit pattern, then 16 where set); acc - 16 * rowsum is the product. */
-AVX2_FN void head_i5_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
-    const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i m16 = _mm256_set1_epi8(16);
     const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
                                           32, 64, 64, 64, 64, -128, -128, -128, -128);
-    const int64_t nb = j->rb / 80;
+    const int i6 = j->fmt == BT_HEAD_I6, bb = head_block_bytes(j->fmt), off = head_offset(j->fmt);
+    const int64_t nb = j->rb / bb;
 #define HI5(w) _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(w), bits), bits), m16)
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = j->w + n * j->rb;
@@ -365,20 +338,30 @@ AVX2_FN void head_i5_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                               _mm256_setzero_si256()};
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *p = row + 80 * b;
+                const uint8_t *p = row + bb * b;
                 _mm_prefetch((const char *)p + 2048, _MM_HINT_T0);
                 _mm_prefetch((const char *)p + 2048 + 64, _MM_HINT_T0);
                 const __m256i A = _mm256_loadu_si256((const __m256i *)p);
                 const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 32));
-                int32_t hw[4];
-                memcpy(hw, p + 64, 16);
-                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(A, m4), HI5(hw[0]));
-                const __m256i v1 = _mm256_or_si256(_mm256_and_si256(B, m4), HI5(hw[1]));
-                const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), HI5(hw[2]));
-                const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), HI5(hw[3]));
+                __m256i v0 = _mm256_and_si256(A, m4), v1 = _mm256_and_si256(B, m4);
+                __m256i v2 = _mm256_and_si256(_mm256_srli_epi16(A, 4), m4), v3 = _mm256_and_si256(_mm256_srli_epi16(B, 4), m4);
+                if (i6) {
+                    const __m256i Hb = _mm256_loadu_si256((const __m256i *)(p + 64));
+                    v0 = _mm256_or_si256(v0, _mm256_and_si256(_mm256_slli_epi16(Hb, 4), m30));
+                    v1 = _mm256_or_si256(v1, _mm256_and_si256(_mm256_slli_epi16(Hb, 2), m30));
+                    v2 = _mm256_or_si256(v2, _mm256_and_si256(Hb, m30));
+                    v3 = _mm256_or_si256(v3, _mm256_and_si256(_mm256_srli_epi16(Hb, 2), m30));
+                } else {
+                    int32_t hw[4];
+                    memcpy(hw, p + 64, 16);
+                    v0 = _mm256_or_si256(v0, HI5(hw[0]));
+                    v1 = _mm256_or_si256(v1, HI5(hw[1]));
+                    v2 = _mm256_or_si256(v2, HI5(hw[2]));
+                    v3 = _mm256_or_si256(v3, HI5(hw[3]));
+                }
                 lowbit_block_tokens(j, t0, tt, b, v0, v1, v2, v3, acc);
             }
-            for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - 16 * j->rowsum[t0 + t]);
+            for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - off * j->rowsum[t0 + t]);
         }
     }
 #undef HI5
@@ -397,10 +380,8 @@ static void head_task(void *ctx, int tid, int n) {
         if (j->avx2) {
             if (j->fmt == BT_HEAD_I8)
                 head_i8_rows_avx2(j, a, b);
-            else if (j->fmt == BT_HEAD_I6)
-                head_i6_rows_avx2(j, a, b);
             else
-                head_i5_rows_avx2(j, a, b);
+                head_lowbit_rows_avx2(j, a, b);
             continue;
         }
 #endif
