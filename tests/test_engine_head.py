@@ -39,7 +39,7 @@ def test_head_product_bit_exact(fmt: str, isa: str, threads: int, rows: int, col
         table = TokenTable(w, fmt)
         y = table.logits(x)
         emb = table.embed(torch.tensor([0, rows - 1, rows // 2, rows - 1]))
-    row_bytes = cols if fmt == "int8" else -(-cols // 128) * {"int6": 96, "int5": 80}[fmt]
+    row_bytes = {"int8": cols, "int6": -(-cols // 128) * 96, "int5": -(-cols // 256) * 160}[fmt]
     assert table.nbytes == rows * row_bytes + 4 * rows
     assert torch.equal(table.scales, scales_ref)
     assert torch.equal(emb, codes_ref[[0, rows - 1, rows // 2, rows - 1]].float() * scales_ref[[0, rows - 1, rows // 2, rows - 1], None])
@@ -83,20 +83,41 @@ def test_low_bit_head_bytes_and_error_ordered() -> None:
     assert TokenTable(w, "int5").weight.numel() == 500 * 256 * 5 // 8
 
 
-def test_int5_byte_order() -> None:
-    """Column 32 i + j of a 5-bit row: low nibble as for int6, fifth bit at bit j // 4 of byte 64 + 4 i + j % 4."""
+def _lowbit_value(fmt: str, row: torch.Tensor, col: int) -> int:
+    """v = code + offset of column ``col`` of a 6- or 5-bit row, read as the layouts in bt_engine.c describe them."""
+    cols, nbytes = {"int6": (128, 96), "int5": (256, 160)}[fmt]
+    blk = row[(col // cols) * nbytes :][:nbytes].tolist()
+    i, j = (col % cols) // 32, col % 32
+    V = [blk[32 * n + j] for n in range(nbytes // 32)]
+    if fmt == "int6":
+        return V[i] & 63 if i < 3 else (V[0] >> 6) | (V[1] >> 6) << 2 | (V[2] >> 6) << 4
+    if i < 5:
+        return V[i] & 31
+    if i == 5:
+        return (V[0] >> 5) | ((V[1] >> 5) & 3) << 3
+    if i == 6:
+        return (V[2] >> 5) | ((V[3] >> 5) & 3) << 3
+    return (V[4] >> 5) | (V[1] >> 7) << 3 | (V[3] >> 7) << 4
+
+
+@pytest.mark.parametrize("fmt", ["int6", "int5"])
+def test_low_bit_byte_order(fmt: str) -> None:
+    """Blocks of 32-byte vectors: most columns in the low bits of one vector, the rest spread over the top bits."""
     kern = load_head_kernel()
-    w = torch.zeros(1, 128)
-    w[0, 0] = 15.0  # code 15 -> v = 31: scale 1
-    w[0, 32 * 3 + 9] = -15.0  # code -15 -> v = 1
-    w[0, 32 * 1 + 6] = 1.0  # v = 17: low nibble 1, fifth bit set
-    codes, scales = kern.quantize(w, "int5")
-    row = codes[0]
-    assert float(scales[0]) == 1.0 and row.numel() == 80
-    assert int(row[0]) & 15 == 31 & 15 and (int(row[64 + 0]) >> 0) & 1 == 1
-    assert int(row[32 + 9]) >> 4 == 1 and (int(row[64 + 12 + 1]) >> 2) & 1 == 0  # column 96 + 9: v = 1
-    assert int(row[32 + 6]) & 15 == 1 and (int(row[64 + 4 + 2]) >> 1) & 1 == 1  # column 32 + 6: v = 17
-    assert int(row[5]) & 15 == 0 and (int(row[64 + 1]) >> 1) & 1 == 1  # column 5: code 0 -> v = 16
+    qmax, off, cols_per, nbytes = {"int6": (31, 32, 128, 96), "int5": (15, 16, 256, 160)}[fmt]
+    g = torch.Generator().manual_seed(5)
+    cols = 2 * cols_per + 40  # two full blocks and a padded one
+    w = torch.randint(-qmax, qmax + 1, (3, cols), generator=g).float()
+    w[:, 0] = float(qmax)  # scale 1 in every row
+    w[1, cols_per - 29] = -float(qmax)  # extremes in the spread-out column group
+    w[2, cols_per - 28] = float(qmax)
+    codes, scales = kern.quantize(w, fmt)
+    assert codes.shape[1] == 3 * nbytes and torch.equal(scales, torch.ones(3))
+    for r in range(3):
+        got = [_lowbit_value(fmt, codes[r], c) - off for c in range(3 * cols_per)]
+        assert got[:cols] == w[r].long().tolist()
+        assert got[cols:] == [0] * (3 * cols_per - cols)  # padding columns hold code 0
+    assert codes[0, 0].item() & (2 * qmax + 1) == qmax + off  # column 0: the low bits of byte 0
 
 
 def _attend(isa: str, qkv: torch.Tensor, H: int, KVH: int, hd: int, pos: int, cos: torch.Tensor, sin: torch.Tensor,

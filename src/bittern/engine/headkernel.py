@@ -60,7 +60,8 @@ class HeadKernel:
 
     def padded_cols(self, fmt: str, cols: int) -> int:
         """Columns the quantised activations must be zero-padded to for ``fmt``."""
-        return cols if fmt == "int8" else -(-cols // 128) * 128
+        block = {"int8": 1, "int6": 128, "int5": 256}[fmt]
+        return -(-cols // block) * block
 
     def quantize(self, weight: torch.Tensor, fmt: str, release_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row codes ``[rows, row_bytes]`` (uint8) and float32 scales of a float ``[rows, cols]`` table."""

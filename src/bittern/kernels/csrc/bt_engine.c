@@ -8,18 +8,20 @@
  *
  * Head layouts (row-major, one row per vocabulary entry, rows read front to back):
  *   BT_HEAD_I8  K bytes per row: int8 codes in [-127, 127], scale = max|w| / 127.
- *   BT_HEAD_I6  Kp = 128 * ceil(K / 128) columns, 96 bytes per 128-column block; codes in [-31, 31],
- *               scale = max|w| / 31, stored as v = code + 32 in [1, 63] (padding columns hold 32):
- *               bytes [0, 32):  low nibble v[j] & 15,      high nibble v[64 + j] & 15
- *               bytes [32, 64): low nibble v[32 + j] & 15, high nibble v[96 + j] & 15
- *               bytes [64, 96): bits 2i..2i+1 = v[32 i + j] >> 4, i = 0..3
- *               (j = 0..31, columns relative to the block). The kernel multiplies v (unsigned) with q
- *               and subtracts 32 * rowsum.
- *   BT_HEAD_I5  Kp as for I6, 80 bytes per 128-column block; codes in [-15, 15], scale = max|w| / 15,
- *               stored as v = code + 16 in [1, 31] (padding columns hold 16): bytes [0, 64) hold the low
- *               nibbles as for I6; bytes [64 + 4 i, 68 + 4 i) are word i, whose byte j % 4 holds
- *               v[32 i + j] >> 4 in bit j / 4 (the order a broadcast word unpacks into with one and
- *               and one compare). The kernel subtracts 16 * rowsum.
+ *   BT_HEAD_I6  Kp = 128 * ceil(K / 128) columns, 96 bytes per 128-column block (three 32-byte vectors
+ *               V0..V2); codes in [-31, 31], scale = max|w| / 31, stored as v = code + 32 in [1, 63]
+ *               (padding columns hold 32). Column 32 i + j of a block (j = 0..31):
+ *               i = 0..2: bits 0-5 of V_i[j];
+ *               i = 3:    bits 6-7 of V0[j] = v & 3, of V1[j] = (v >> 2) & 3, of V2[j] = v >> 4.
+ *               The kernel multiplies v (unsigned) with q and subtracts 32 * rowsum.
+ *   BT_HEAD_I5  Kp = 256 * ceil(K / 256) columns, 160 bytes per 256-column block (five 32-byte vectors
+ *               V0..V4); codes in [-15, 15], scale = max|w| / 15, stored as v = code + 16 in [1, 31]
+ *               (padding columns hold 16). Column 32 i + j of a block (j = 0..31):
+ *               i = 0..4: bits 0-4 of V_i[j] (one and extracts it);
+ *               i = 5:    bits 5-7 of V0[j] = v & 7, bits 5-6 of V1[j] = v >> 3;
+ *               i = 6:    bits 5-7 of V2[j] = v & 7, bits 5-6 of V3[j] = v >> 3;
+ *               i = 7:    bits 5-7 of V4[j] = v & 7, bit 7 of V1[j] = (v >> 3) & 1, bit 7 of V3[j] = v >> 4.
+ *               The kernel subtracts 16 * rowsum.
  */
 #define _DEFAULT_SOURCE 1 /* madvise, sysconf under -std=c11 */
 #include "bt_internal.h"
@@ -125,37 +127,58 @@ int64_t bt_head_row_bytes(int fmt, int64_t K) {
     if (K <= 0) return -1;
     if (fmt == BT_HEAD_I8) return K;
     if (fmt == BT_HEAD_I6) return (K + 127) / 128 * 96;
-    if (fmt == BT_HEAD_I5) return (K + 127) / 128 * 80;
+    if (fmt == BT_HEAD_I5) return (K + 255) / 256 * 160;
     return -2;
 }
 
-static inline int head_block_bytes(int fmt) { return fmt == BT_HEAD_I6 ? 96 : 80; }
+static inline int head_block_bytes(int fmt) { return fmt == BT_HEAD_I6 ? 96 : 160; }
+static inline int head_block_cols(int fmt) { return fmt == BT_HEAD_I6 ? 128 : 256; }
 static inline int head_offset(int fmt) { return fmt == BT_HEAD_I6 ? 32 : 16; }
+
+/* Where the bits of v of column 32 i + j of a block live: (vector, shift in the byte, bit count) per
+ * piece, low bits first (I6: i = 0..3, I5: i = 0..7; the layouts in the header comment). */
+typedef struct {
+    int n;
+    struct {
+        int vec, shift, bits;
+    } p[3];
+} lowbit_pieces;
+
+static inline lowbit_pieces lowbit_layout(int fmt, int i) {
+    static const lowbit_pieces I6[4] = {
+        {1, {{0, 0, 6}}}, {1, {{1, 0, 6}}}, {1, {{2, 0, 6}}}, {3, {{0, 6, 2}, {1, 6, 2}, {2, 6, 2}}},
+    };
+    static const lowbit_pieces I5[8] = {
+        {1, {{0, 0, 5}}},          {1, {{1, 0, 5}}},          {1, {{2, 0, 5}}},
+        {1, {{3, 0, 5}}},          {1, {{4, 0, 5}}},          {2, {{0, 5, 3}, {1, 5, 2}}},
+        {2, {{2, 5, 3}, {3, 5, 2}}}, {3, {{4, 5, 3}, {1, 7, 1}, {3, 7, 1}}},
+    };
+    return fmt == BT_HEAD_I6 ? I6[i] : I5[i];
+}
 
 /* code of column k of a 6-bit (I6) or 5-bit (I5) row */
 static inline int lowbit_get(int fmt, const uint8_t *row, int64_t k) {
-    const uint8_t *blk = row + (k / 128) * head_block_bytes(fmt);
-    int r = (int)(k % 128), i = r / 32, j = r % 32;
-    int lo = i & 1 ? blk[32 + j] : blk[j];
-    lo = i >= 2 ? lo >> 4 : lo & 15;
-    if (fmt == BT_HEAD_I6) return (lo | (((blk[64 + j] >> (2 * i)) & 3) << 4)) - 32;
-    return (lo | (((blk[64 + 4 * i + (j & 3)] >> (j >> 2)) & 1) << 4)) - 16;
+    const int cols = head_block_cols(fmt);
+    const uint8_t *blk = row + (k / cols) * head_block_bytes(fmt);
+    int r = (int)(k % cols), j = r % 32, v = 0, at = 0;
+    lowbit_pieces L = lowbit_layout(fmt, r / 32);
+    for (int x = 0; x < L.n; x++) {
+        v |= ((blk[32 * L.p[x].vec + j] >> L.p[x].shift) & ((1 << L.p[x].bits) - 1)) << at;
+        at += L.p[x].bits;
+    }
+    return v - head_offset(fmt);
 }
 
 static inline void lowbit_put(int fmt, uint8_t *row, int64_t k, int code) {
-    uint8_t *blk = row + (k / 128) * head_block_bytes(fmt);
-    int r = (int)(k % 128), i = r / 32, j = r % 32;
-    int v = code + head_offset(fmt);
-    uint8_t *lo = i & 1 ? blk + 32 + j : blk + j;
-    if (i >= 2)
-        *lo = (uint8_t)((*lo & 0x0f) | ((v & 15) << 4));
-    else
-        *lo = (uint8_t)((*lo & 0xf0) | (v & 15));
-    if (fmt == BT_HEAD_I6) {
-        blk[64 + j] = (uint8_t)((blk[64 + j] & ~(3 << (2 * i))) | ((v >> 4) << (2 * i)));
-    } else {
-        uint8_t *hb = blk + 64 + 4 * i + (j & 3);
-        *hb = (uint8_t)((*hb & ~(1 << (j >> 2))) | (((v >> 4) & 1) << (j >> 2)));
+    const int cols = head_block_cols(fmt);
+    uint8_t *blk = row + (k / cols) * head_block_bytes(fmt);
+    int r = (int)(k % cols), j = r % 32, v = code + head_offset(fmt), at = 0;
+    lowbit_pieces L = lowbit_layout(fmt, r / 32);
+    for (int x = 0; x < L.n; x++) {
+        const int m = ((1 << L.p[x].bits) - 1) << L.p[x].shift;
+        uint8_t *b = blk + 32 * L.p[x].vec + j;
+        *b = (uint8_t)((*b & ~m) | (((v >> at) << L.p[x].shift) & m));
+        at += L.p[x].bits;
     }
 }
 
@@ -194,7 +217,7 @@ int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int
                 lowbit_put(fmt, out, k, c);
         }
         if (fmt != BT_HEAD_I8)
-            for (int64_t k = cols; k < (cols + 127) / 128 * 128; k++) lowbit_put(fmt, out, k, 0);
+            for (int64_t k = cols; k < rb / head_block_bytes(fmt) * head_block_cols(fmt); k++) lowbit_put(fmt, out, k, 0);
         scales[r] = sc;
         if (release && (r % 256 == 255 || r == rows - 1)) {
             uintptr_t end = (uintptr_t)(row + (size_t)cols * es);
@@ -318,19 +341,12 @@ AVX2_INL void lowbit_block_tokens(const head_job *j, int64_t t0, int tt, int64_t
     }
 }
 
-/* 6-bit rows (v = code + 32 in [1, 63]) and 5-bit rows (v = code + 16 in [1, 31]): per 128-column block
- * the four vectors of unsigned v (columns 0-31, ..., 96-127) from the low nibbles and the high bits
- * (I6: two bits per column in one 32-byte vector; I5: one broadcast word per 32 columns, unpacked with
- * an and + compare); acc - offset * rowsum is the product with the codes. */
-AVX2_FN void head_lowbit_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const __m256i m30 = _mm256_set1_epi8(0x30);
-    const __m256i m16 = _mm256_set1_epi8(16);
-    const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
-                                          32, 64, 64, 64, 64, -128, -128, -128, -128);
-    const int i6 = j->fmt == BT_HEAD_I6, bb = head_block_bytes(j->fmt), off = head_offset(j->fmt);
-    const int64_t nb = j->rb / bb;
-#define HI5(w) _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(w), bits), bits), m16)
+typedef void (*lowbit_block_fn)(const head_job *j, const uint8_t *p, int64_t b, int64_t t0, int tt, __m256i acc[4]);
+
+/* Rows [n0, n1) of a 6- or 5-bit head, up to four tokens per pass over a row; block() adds one block's
+ * products to acc (inlined: the callers pass a constant) and acc - offset * rowsum is the product. */
+AVX2_INL void lowbit_rows(const head_job *j, int64_t n0, int64_t n1, int bytes, int off, lowbit_block_fn block) {
+    const int64_t nb = j->rb / bytes;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = j->w + n * j->rb;
         for (int64_t t0 = 0; t0 < j->T; t0 += 4) {
@@ -338,34 +354,73 @@ AVX2_FN void head_lowbit_rows_avx2(const head_job *j, int64_t n0, int64_t n1) {
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                               _mm256_setzero_si256()};
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *p = row + bb * b;
+                const uint8_t *p = row + bytes * b;
                 _mm_prefetch((const char *)p + 2048, _MM_HINT_T0);
                 _mm_prefetch((const char *)p + 2048 + 64, _MM_HINT_T0);
-                const __m256i A = _mm256_loadu_si256((const __m256i *)p);
-                const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 32));
-                __m256i v0 = _mm256_and_si256(A, m4), v1 = _mm256_and_si256(B, m4);
-                __m256i v2 = _mm256_and_si256(_mm256_srli_epi16(A, 4), m4), v3 = _mm256_and_si256(_mm256_srli_epi16(B, 4), m4);
-                if (i6) {
-                    const __m256i Hb = _mm256_loadu_si256((const __m256i *)(p + 64));
-                    v0 = _mm256_or_si256(v0, _mm256_and_si256(_mm256_slli_epi16(Hb, 4), m30));
-                    v1 = _mm256_or_si256(v1, _mm256_and_si256(_mm256_slli_epi16(Hb, 2), m30));
-                    v2 = _mm256_or_si256(v2, _mm256_and_si256(Hb, m30));
-                    v3 = _mm256_or_si256(v3, _mm256_and_si256(_mm256_srli_epi16(Hb, 2), m30));
-                } else {
-                    int32_t hw[4];
-                    memcpy(hw, p + 64, 16);
-                    v0 = _mm256_or_si256(v0, HI5(hw[0]));
-                    v1 = _mm256_or_si256(v1, HI5(hw[1]));
-                    v2 = _mm256_or_si256(v2, HI5(hw[2]));
-                    v3 = _mm256_or_si256(v3, HI5(hw[3]));
-                }
-                lowbit_block_tokens(j, t0, tt, b, v0, v1, v2, v3, acc);
+                if (bytes > 128) _mm_prefetch((const char *)p + 2048 + 128, _MM_HINT_T0);
+                block(j, p, b, t0, tt, acc);
             }
             for (int t = 0; t < tt; t++) head_store(j, t0 + t, n, hsum_epi32(acc[t]) - off * j->rowsum[t0 + t]);
         }
     }
-#undef HI5
 }
+
+/* 6-bit block (128 columns, layout in the header comment): three ands and one shift/and/or merge of
+ * the top bits give the four vectors of v. */
+AVX2_INL void i6_block(const head_job *j, const uint8_t *p, int64_t b, int64_t t0, int tt, __m256i acc[4]) {
+    const __m256i m63 = _mm256_set1_epi8(63), m3 = _mm256_set1_epi8(3), m12 = _mm256_set1_epi8(12);
+    const __m256i m48 = _mm256_set1_epi8(48);
+    const __m256i V0 = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i V1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+    const __m256i V2 = _mm256_loadu_si256((const __m256i *)(p + 64));
+    const __m256i v3 = _mm256_or_si256(
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(V0, 6), m3), _mm256_and_si256(_mm256_srli_epi16(V1, 4), m12)),
+        _mm256_and_si256(_mm256_srli_epi16(V2, 2), m48));
+    lowbit_block_tokens(j, t0, tt, b, _mm256_and_si256(V0, m63), _mm256_and_si256(V1, m63), _mm256_and_si256(V2, m63),
+                        v3, acc);
+}
+
+/* 5-bit block (256 columns): the eight vectors of v are five ands and three shift/and/or merges of the
+ * top bits. A 128-column half of one token sums four maddubs in int16 (4 * 2 * 31 * 128 = 31744). */
+AVX2_INL void i5_block(const head_job *j, const uint8_t *p, int64_t b, int64_t t0, int tt, __m256i acc[4]) {
+    const __m256i m31 = _mm256_set1_epi8(31), m7 = _mm256_set1_epi8(7), m24 = _mm256_set1_epi8(24);
+    const __m256i m8 = _mm256_set1_epi8(8), m16 = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
+    const __m256i V0 = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i V1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+    const __m256i V2 = _mm256_loadu_si256((const __m256i *)(p + 64));
+    const __m256i V3 = _mm256_loadu_si256((const __m256i *)(p + 96));
+    const __m256i V4 = _mm256_loadu_si256((const __m256i *)(p + 128));
+    const __m256i v[8] = {
+        _mm256_and_si256(V0, m31),
+        _mm256_and_si256(V1, m31),
+        _mm256_and_si256(V2, m31),
+        _mm256_and_si256(V3, m31),
+        _mm256_and_si256(V4, m31),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(V0, 5), m7), _mm256_and_si256(_mm256_srli_epi16(V1, 2), m24)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(V2, 5), m7), _mm256_and_si256(_mm256_srli_epi16(V3, 2), m24)),
+        _mm256_or_si256(
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(V4, 5), m7), _mm256_and_si256(_mm256_srli_epi16(V1, 4), m8)),
+            _mm256_and_si256(_mm256_srli_epi16(V3, 3), m16)),
+    };
+    for (int t = 0; t < tt; t++) {
+        const int8_t *qb = j->q + (t0 + t) * j->ldq + 256 * b;
+        __m256i h[2];
+        for (int half = 0; half < 2; half++) {
+            const __m256i *vv = v + 4 * half;
+            const int8_t *qh = qb + 128 * half;
+            h[half] = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(vv[0], _mm256_loadu_si256((const __m256i *)qh)),
+                                 _mm256_maddubs_epi16(vv[1], _mm256_loadu_si256((const __m256i *)(qh + 32)))),
+                _mm256_add_epi16(_mm256_maddubs_epi16(vv[2], _mm256_loadu_si256((const __m256i *)(qh + 64))),
+                                 _mm256_maddubs_epi16(vv[3], _mm256_loadu_si256((const __m256i *)(qh + 96)))));
+        }
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(h[0], ones), _mm256_madd_epi16(h[1], ones)));
+    }
+}
+
+AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) { lowbit_rows(j, n0, n1, 96, 32, i6_block); }
+
+AVX2_FN void head_i5_rows_avx2(const head_job *j, int64_t n0, int64_t n1) { lowbit_rows(j, n0, n1, 160, 16, i5_block); }
 #endif
 
 static void head_task(void *ctx, int tid, int n) {
@@ -380,8 +435,10 @@ static void head_task(void *ctx, int tid, int n) {
         if (j->avx2) {
             if (j->fmt == BT_HEAD_I8)
                 head_i8_rows_avx2(j, a, b);
+            else if (j->fmt == BT_HEAD_I6)
+                head_i6_rows_avx2(j, a, b);
             else
-                head_lowbit_rows_avx2(j, a, b);
+                head_i5_rows_avx2(j, a, b);
             continue;
         }
 #endif
@@ -394,7 +451,7 @@ int bt_head_matmul(int fmt, const uint8_t *w, const float *scale, int64_t N, int
     int64_t rb = bt_head_row_bytes(fmt, K);
     if (rb == -2) return -2;
     if (!w || !scale || !q || !rowsum || !s || !y || N <= 0 || rb < 0 || T < 0 || ldy < N) return -1;
-    if (ldq < (fmt == BT_HEAD_I8 ? K : rb / head_block_bytes(fmt) * 128)) return -3;
+    if (ldq < (fmt == BT_HEAD_I8 ? K : rb / head_block_bytes(fmt) * head_block_cols(fmt))) return -3;
     if (T == 0) return 0;
     head_job j = {.fmt = fmt, .w = w, .scale = scale, .N = N, .K = K, .rb = rb, .q = q, .ldq = ldq, .rowsum = rowsum,
                   .s = s, .T = T, .y = y, .ldy = ldy, .avx2 = use_avx2()};
