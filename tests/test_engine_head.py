@@ -225,3 +225,22 @@ def test_torch_fallback_computes_the_same(fmt: str, monkeypatch) -> None:
     assert fallback._kernel is None and fallback.weight.dtype == torch.int8
     assert torch.equal(fallback.logits(x), native_table.logits(x))
     assert torch.equal(fallback.embed(ids), native_table.embed(ids))
+
+
+def test_head_bench_script_runs(tmp_path) -> None:
+    """bench/head.py on a tiny table: one row per format and thread count, rates positive."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_head", Path(__file__).parents[1] / "bench" / "head.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "head.json"
+    with native.using(None, native.get_threads()):  # the script sets the thread count
+        assert mod.main(["--vocab", "300", "--hidden", "256", "--threads", "1,2", "--reps", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["format"], r["threads"]) for r in rows] == [(f, t) for f in ("int8", "int6", "int5") for t in (1, 2)]
+    assert all(r["gbps"] > 0 and r["roof_gbps"] > 0 for r in rows)
+    assert {r["format"]: r["bytes"] for r in rows if r["threads"] == 1} == {
+        "int8": 300 * 256 + 1200, "int6": 300 * 192 + 1200, "int5": 300 * 160 + 1200}
