@@ -121,7 +121,7 @@ def test_low_bit_byte_order(fmt: str) -> None:
 
 
 def _attend(isa: str, qkv: torch.Tensor, H: int, KVH: int, hd: int, pos: int, cos: torch.Tensor, sin: torch.Tensor,
-            kv_dtype: torch.dtype, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            kv_dtype: torch.dtype, max_len: int, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = load_head_kernel()
     qkv = qkv.clone()
     kc = torch.zeros(KVH, max_len, hd, dtype=kv_dtype)
@@ -132,7 +132,7 @@ def _attend(isa: str, qkv: torch.Tensor, H: int, KVH: int, hd: int, pos: int, co
     out = torch.empty(H * hd)
     scores = torch.empty(max_len)
     dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[kv_dtype]
-    with native.using(isa, 1):
+    with native.using(isa, threads):
         rc = kern.attend(qkv.data_ptr(), H, KVH, hd, pos, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
                          None, None, dt, max_len, out.data_ptr(), scores.data_ptr())
     assert rc == 0
@@ -167,6 +167,28 @@ def test_attend_matches_torch_and_stores_kv_exactly(kv_dtype: torch.dtype) -> No
         outs.append(out)
     if len(outs) == 2:
         assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_attend_long_context_same_on_any_thread_count(kv_dtype: torch.dtype) -> None:
+    """A long context goes to the thread pool in tiles of query heads: identical bits on 1 and 3 threads,
+    and the torch reference (GQA with 6 query heads per KV head: one full and one short tile)."""
+    H, KVH, hd, pos, max_len = 12, 2, 32, 300, 320  # 301 x 12 x 32 >= the parallel threshold
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn((H + 2 * KVH) * hd, generator=g)
+    ang = torch.rand(hd // 2, generator=g)
+    cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+    outs = [_attend(isa, qkv, H, KVH, hd, pos, cos, sin, kv_dtype, max_len, threads) for isa in ISAS for threads in (1, 3)]
+    for (o1, k1, _), (o3, k3, _) in zip(outs[::2], outs[1::2]):
+        assert torch.equal(o1, o3) and torch.equal(k1, k3)
+    out, kc, vc = outs[-1]
+    half = hd // 2
+    q = qkv[: H * hd].reshape(H, hd)
+    q = q * cos + torch.cat([-q[:, half:], q[:, :half]], 1) * sin  # rotate-half RoPE, as the engine
+    k = kc[:, : pos + 1].float().repeat_interleave(H // KVH, 0)
+    v = vc[:, : pos + 1].float().repeat_interleave(H // KVH, 0)
+    att = torch.softmax((q[:, None, :] @ k.transpose(1, 2))[:, 0] / hd**0.5, -1)
+    assert torch.allclose(out, (att[:, None, :] @ v)[:, 0].reshape(-1), rtol=1e-4, atol=1e-5)
 
 
 def test_attend_rejects_bad_arguments() -> None:

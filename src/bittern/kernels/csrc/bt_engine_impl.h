@@ -240,103 +240,151 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 exp
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#ifndef BT_ATTEND_PARALLEL_MIN
+#define BT_ATTEND_PARALLEL_MIN 65536 /* positions x heads x head size: below, one thread (~10 us of work) */
+#endif
+
 static _Thread_local float *tl_scores = NULL;
 static _Thread_local size_t tl_scores_cap = 0;
 
-/* The query heads sharing one KV head are processed together (up to 4 at a time), so every cached key
- * and value row is loaded and converted once per group; softmax uses a vectorised exp. */
+/* this thread's score rows for up to 4 heads of S8 positions, or NULL when out of memory */
+static float *attend_scores(int64_t S8) {
+    if ((size_t)(4 * S8) > tl_scores_cap) {
+        free(tl_scores);
+        tl_scores_cap = (size_t)(4 * S8);
+        tl_scores = (float *)malloc(tl_scores_cap * sizeof(float));
+        if (!tl_scores) tl_scores_cap = 0;
+    }
+    return tl_scores;
+}
+
+typedef struct {
+    const float *q;
+    const void *kc, *vc;
+    const float *ks, *vs;
+    int dt;
+    int64_t hd, rep, S, max_len, tiles_per_group, ntiles;
+    float scale;
+    float *out;
+    _Atomic int64_t next;
+} attend_job;
+
+/* Tile t: up to 4 query heads of one KV head (every cached key and value row is loaded and converted
+ * once for them); softmax uses a vectorised exp. P holds 4 rows of S8 scores. */
+__attribute__((target("avx2,fma,f16c"))) static void attend_tile_avx2(const attend_job *J, int64_t t, float *P) {
+    const float *q = J->q, *ks = J->ks, *vs = J->vs;
+    const int dt = J->dt;
+    const int64_t hd = J->hd, rep = J->rep, S = J->S, S8 = (S + 7) / 8 * 8, max_len = J->max_len;
+    const int64_t g = t / J->tiles_per_group, h0 = g * rep + 4 * (t % J->tiles_per_group);
+    const size_t es = kv_elem_size(dt);
+    const float scale = J->scale;
+    float *out = J->out;
+    const char *kb = (const char *)J->kc + (size_t)(g * max_len) * hd * es;
+    const char *vb = (const char *)J->vc + (size_t)(g * max_len) * hd * es;
+    const int nh = (g + 1) * rep - h0 < 4 ? (int)((g + 1) * rep - h0) : 4;
+    const float *qh[4];
+    for (int j = 0; j < 4; j++) qh[j] = q + (h0 + (j < nh ? j : 0)) * hd;
+    /* scores: one key row against nh query heads */
+    for (int64_t p = 0; p < S; p++) {
+        const char *kr = kb + (size_t)p * hd * es;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < hd; i += 8) {
+            __m256 kv = load8_kv_avx2(kr, dt, i);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[0] + i), kv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[1] + i), kv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[2] + i), kv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[3] + i), kv, a3);
+        }
+        __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+        __m256 s = _mm256_hadd_ps(s01, s23);
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        float sc[4];
+        if (dt == BT_KV_I8) r = _mm_mul_ps(r, _mm_set1_ps(ks[g * max_len + p]));
+        _mm_storeu_ps(sc, _mm_mul_ps(r, _mm_set1_ps(scale)));
+        for (int j = 0; j < 4; j++) P[j * S8 + p] = sc[j];
+    }
+    /* softmax per head; the padding up to S8 gets probability 0 */
+    float inv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < 4; j++) { /* all 4 lanes (a short tile repeats head h0): fixed trip counts */
+        float *pj = P + j * S8;
+        float m = -INFINITY;
+        for (int64_t p = 0; p < S; p++) m = pj[p] > m ? pj[p] : m;
+        for (int64_t p = S; p < S8; p++) pj[p] = -INFINITY;
+        const __m256 vm = _mm256_set1_ps(m);
+        __m256 vs = _mm256_setzero_ps();
+        for (int64_t p = 0; p < S8; p += 8) {
+            __m256 e = exp_neg_avx2(_mm256_sub_ps(_mm256_loadu_ps(pj + p), vm));
+            if (p + 8 > S) e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                                    _mm256_set1_epi32((int)(S - p)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+            _mm256_storeu_ps(pj + p, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(vs), _mm256_extractf128_ps(vs, 1));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
+        inv[j] = 1.0f / _mm_cvtss_f32(r);
+    }
+    /* out[h] = sum_p P[h][p] * v[p], 16 columns at a time kept in registers for all nh heads */
+    for (int64_t i = 0; i < hd; i += 16) {
+        __m256 o[4][2];
+        for (int j = 0; j < 4; j++) o[j][0] = o[j][1] = _mm256_setzero_ps();
+        for (int64_t p = 0; p < S; p++) {
+            const char *vr = vb + (size_t)p * hd * es;
+            const __m256 v0 = load8_kv_avx2(vr, dt, i), v1 = load8_kv_avx2(vr, dt, i + 8);
+            const float vsp = dt == BT_KV_I8 ? vs[g * max_len + p] : 1.0f;
+            for (int j = 0; j < 4; j++) {
+                const __m256 w = _mm256_set1_ps(P[j * S8 + p] * vsp);
+                o[j][0] = _mm256_fmadd_ps(w, v0, o[j][0]);
+                o[j][1] = _mm256_fmadd_ps(w, v1, o[j][1]);
+            }
+        }
+        for (int j = 0; j < nh; j++) {
+            const __m256 f = _mm256_set1_ps(inv[j]);
+            _mm256_storeu_ps(out + (h0 + j) * hd + i, _mm256_mul_ps(o[j][0], f));
+            _mm256_storeu_ps(out + (h0 + j) * hd + i + 8, _mm256_mul_ps(o[j][1], f));
+        }
+    }
+}
+
+static void attend_task(void *ctx, int tid, int n) {
+    attend_job *J = (attend_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    /* a thread without score memory takes no tile; the caller (whose buffer is checked first) does the rest */
+    float *P = attend_scores((J->S + 7) / 8 * 8);
+    if (!P) return;
+    for (;;) {
+        int64_t t = atomic_fetch_add(&J->next, 1);
+        if (t >= J->ntiles) break;
+        attend_tile_avx2(J, t, P);
+    }
+}
+
+/* Tiles of up to 4 query heads sharing one KV head go to the thread pool when the context is long
+ * enough to pay for the dispatch; every tile is computed the same way on any thread. */
 GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, const float *cos, const float *sin,
                      void *kc, void *vc, float *ks, float *vs, int dt, int64_t max_len, float *out, float *scores) {
     if (hd % 16) {
         attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
         return;
     }
-    const float *q = qkv;
+    if (!attend_scores((pos + 8) / 8 * 8)) { /* out of memory: the slower path needs only the caller's scratch */
+        attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
+        return;
+    }
     rope_store_avx2(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len);
-    const int64_t rep = H / KVH, S = pos + 1, S8 = (S + 7) / 8 * 8;
-    if ((size_t)(4 * S8) > tl_scores_cap) {
-        free(tl_scores);
-        tl_scores_cap = (size_t)(4 * S8);
-        tl_scores = (float *)malloc(tl_scores_cap * sizeof(float));
-        if (!tl_scores) { /* out of memory: the slower path needs only the caller's scratch */
-            tl_scores_cap = 0;
-            attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
-            return;
-        }
-    }
-    float *P = tl_scores;
-    const size_t es = kv_elem_size(dt);
-    const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t g = 0; g < KVH; g++) {
-        const char *kb = (const char *)kc + (size_t)(g * max_len) * hd * es;
-        const char *vb = (const char *)vc + (size_t)(g * max_len) * hd * es;
-        for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += 4) {
-            const int nh = (g + 1) * rep - h0 < 4 ? (int)((g + 1) * rep - h0) : 4;
-            const float *qh[4];
-            for (int j = 0; j < 4; j++) qh[j] = q + (h0 + (j < nh ? j : 0)) * hd;
-            /* scores: one key row against nh query heads */
-            for (int64_t p = 0; p < S; p++) {
-                const char *kr = kb + (size_t)p * hd * es;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t i = 0; i < hd; i += 8) {
-                    __m256 kv = load8_kv_avx2(kr, dt, i);
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[0] + i), kv, a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[1] + i), kv, a1);
-                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[2] + i), kv, a2);
-                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[3] + i), kv, a3);
-                }
-                __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
-                __m256 s = _mm256_hadd_ps(s01, s23);
-                __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-                float sc[4];
-                if (dt == BT_KV_I8) r = _mm_mul_ps(r, _mm_set1_ps(ks[g * max_len + p]));
-                _mm_storeu_ps(sc, _mm_mul_ps(r, _mm_set1_ps(scale)));
-                for (int j = 0; j < 4; j++) P[j * S8 + p] = sc[j];
-            }
-            /* softmax per head; the padding up to S8 gets probability 0 */
-            float inv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int j = 0; j < 4; j++) { /* all 4 lanes (a short tile repeats head h0): fixed trip counts */
-                float *pj = P + j * S8;
-                float m = -INFINITY;
-                for (int64_t p = 0; p < S; p++) m = pj[p] > m ? pj[p] : m;
-                for (int64_t p = S; p < S8; p++) pj[p] = -INFINITY;
-                const __m256 vm = _mm256_set1_ps(m);
-                __m256 vs = _mm256_setzero_ps();
-                for (int64_t p = 0; p < S8; p += 8) {
-                    __m256 e = exp_neg_avx2(_mm256_sub_ps(_mm256_loadu_ps(pj + p), vm));
-                    if (p + 8 > S) e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                                                            _mm256_set1_epi32((int)(S - p)),
-                                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
-                    _mm256_storeu_ps(pj + p, e);
-                    vs = _mm256_add_ps(vs, e);
-                }
-                __m128 r = _mm_add_ps(_mm256_castps256_ps128(vs), _mm256_extractf128_ps(vs, 1));
-                r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-                r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
-                inv[j] = 1.0f / _mm_cvtss_f32(r);
-            }
-            /* out[h] = sum_p P[h][p] * v[p], 16 columns at a time kept in registers for all nh heads */
-            for (int64_t i = 0; i < hd; i += 16) {
-                __m256 o[4][2];
-                for (int j = 0; j < 4; j++) o[j][0] = o[j][1] = _mm256_setzero_ps();
-                for (int64_t p = 0; p < S; p++) {
-                    const char *vr = vb + (size_t)p * hd * es;
-                    const __m256 v0 = load8_kv_avx2(vr, dt, i), v1 = load8_kv_avx2(vr, dt, i + 8);
-                    const float vsp = dt == BT_KV_I8 ? vs[g * max_len + p] : 1.0f;
-                    for (int j = 0; j < 4; j++) {
-                        const __m256 w = _mm256_set1_ps(P[j * S8 + p] * vsp);
-                        o[j][0] = _mm256_fmadd_ps(w, v0, o[j][0]);
-                        o[j][1] = _mm256_fmadd_ps(w, v1, o[j][1]);
-                    }
-                }
-                for (int j = 0; j < nh; j++) {
-                    const __m256 f = _mm256_set1_ps(inv[j]);
-                    _mm256_storeu_ps(out + (h0 + j) * hd + i, _mm256_mul_ps(o[j][0], f));
-                    _mm256_storeu_ps(out + (h0 + j) * hd + i + 8, _mm256_mul_ps(o[j][1], f));
-                }
-            }
-        }
-    }
+    const int64_t rep = H / KVH, tpg = (rep + 3) / 4;
+    attend_job J = {.q = qkv, .kc = kc, .vc = vc, .ks = ks, .vs = vs, .dt = dt, .hd = hd, .rep = rep, .S = pos + 1,
+                    .max_len = max_len, .tiles_per_group = tpg, .ntiles = KVH * tpg,
+                    .scale = 1.0f / sqrtf((float)hd), .out = out};
+    atomic_store(&J.next, 0);
+    int n = bt_get_threads();
+    if ((int64_t)n > J.ntiles) n = (int)J.ntiles;
+    if (n > 1 && (pos + 1) * H * hd >= BT_ATTEND_PARALLEL_MIN)
+        bt_parallel(attend_task, &J, n);
+    else
+        attend_task(&J, 0, 1);
     BT_UNUSED(scores);
 }
 #endif
