@@ -4,8 +4,9 @@ They are compiled with the ternary kernels into ``bittern.kernels._bitternc`` wh
 (``src/bittern/kernels/csrc/bt_engine.c``) and share their thread pool and instruction-set choice
 (``bittern.kernels.native.set_threads`` / ``force_scalar``). The decode glue fuses what runs between
 the ternary products of one token (residual add + RMSNorm + int8 quantisation, RoPE + KV-cache store +
-GQA attention, gated activation + sub-norm + quantisation), so a decode step costs a dozen C calls per
-layer instead of dozens of small torch operations. Without the library the engine computes the same
+GQA attention, gated activation + sub-norm + quantisation); ``bt_eng_decode_layers`` runs them and the
+ternary products of every block of a decode step in one C call, instead of dozens of small torch
+operations (or a dozen ctypes calls) per layer. Without the library the engine computes the same
 in torch.
 
 Head arithmetic: ``s = 127 / max(|x|)``, ``q = clamp(round_half_even(x * s), -128, 127)`` (as
@@ -44,12 +45,14 @@ class HeadKernel:
             "bt_head_matmul": (i32, [i32, vp, vp, i64, i64, vp, i64, vp, vp, i64, vp, i64]),
             "bt_head_rows": (i32, [i32, vp, vp, i64, i64, vp, i64, vp]),
             "bt_quantize": (i32, [vp, i32, i64, i64, i64, vp, i64, vp, vp]),
+            "bt_eng_decode_layers": (i32, [vp, vp, i64, vp, i64]),
         }.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
         self.norm_quant = lib.bt_eng_norm_quant
         self.act_quant = lib.bt_eng_act_quant
         self.attend = lib.bt_eng_attend
+        self.decode_layers = lib.bt_eng_decode_layers
         self._q = torch.empty(0, dtype=torch.int8)
         self._s = torch.empty(0, dtype=torch.float32)
         self._rs = torch.empty(0, dtype=torch.int32)

@@ -76,9 +76,15 @@ class _FastBuffers:
         self.qh_args = (self.qh.data_ptr(), kp_h, self.s.data_ptr(), self.rs.data_ptr())
         self.qf_args = (self.qf.data_ptr(), kp_f, self.s.data_ptr(), self.rs.data_ptr())
         self.plan: list[tuple] | None = None
+        self.c_plan: torch.Tensor | None = None
 
 
 _KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+
+
+def _f32_bits(v: float) -> int:
+    """The float32 bit pattern of ``v`` as an int (how bt_eng_decode_layers takes floats)."""
+    return int(torch.tensor([v], dtype=torch.float32).view(torch.int32).item()) & 0xFFFFFFFF
 
 
 class EngineModel:
@@ -100,6 +106,7 @@ class EngineModel:
         self._buffers: dict[int, _Buffers] = {}
         self._fast: dict[int, _FastBuffers] = {}
         self.use_fast_path = self.fast_path_available()
+        self.native_layer_loop = True  # the fast path runs all blocks of a step in one C call (False: a Python loop)
 
     # ------------------------------------------------------------------ construction
 
@@ -343,6 +350,18 @@ class EngineModel:
         plan = fb.plan
         if plan is None:
             plan = fb.plan = self._plan(fb, B)
+            fb.c_plan = self._c_plan(plan) if self.native_layer_loop else None
+        if fb.c_plan is not None:  # every block in one C call
+            bufs = torch.tensor([
+                xp, xnp, qkvp, attnp, fb.o.data_ptr(), fb.gu.data_ptr(), downp, fb.qh_args[0], fb.qh_args[1],
+                fb.qf_args[0], fb.qf_args[1], fb.s.data_ptr(), fb.rs.data_ptr(), scores, cbase, sbase, h,
+                cfg.intermediate_size, H, KVH, hd, 0 if cfg.activation == "swiglu" else 1, _f32_bits(eps), kbase, vbase,
+                ksbase, vsbase, dt, max_len, slots_n, plane, splane], dtype=torch.int64)
+            rows = torch.tensor([v for b in range(B) for v in (slots[b], positions[b])], dtype=torch.int64)
+            rc = C.decode_layers(bufs.data_ptr(), fb.c_plan.data_ptr(), len(self.layers), rows.data_ptr(), B)
+            if rc != 0:
+                raise RuntimeError(f"decode step failed in the native library ({rc})")
+            plan = []
         for i, (nq1, mm_qkv, nq2, mm_o, nq3, mm_gu, aq, mm_down) in enumerate(plan):
             norm_quant(*nq1)
             for a in mm_qkv:
@@ -368,6 +387,24 @@ class EngineModel:
             return self.head.logits(fb.xn[B - 1 :], fb.logits)
         norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
         return self.head.logits(fb.xn, fb.logits)
+
+    @staticmethod
+    def _c_plan(plan: list[tuple]) -> torch.Tensor | None:
+        """The per-layer part of ``plan`` as the int64 array of ``bt_eng_decode_layers`` (bittern.h), or
+        None when a layer has more products than that call takes (then the Python loop runs)."""
+        max_mm, per_layer = 8, 8 + 7 * 8
+        rows = []
+        for nq1, mm_qkv, nq2, mm_o, nq3, mm_gu, aq, mm_down in plan:
+            stages = (mm_qkv, mm_o, mm_gu, mm_down)
+            if sum(len(st) for st in stages) > max_mm:
+                return None
+            row = [nq1[2] or 0, nq2[2] or 0, nq3[2] or 0, aq[4] or 0] + [len(st) for st in stages]
+            for st in stages:
+                for a in st:
+                    _, fmt, wp, n, k, _qp, _ldq, _rsp, _sp, _B, gamma, optr, _yi, ldy = a
+                    row += [fmt, wp, n, k, _f32_bits(gamma), optr, ldy]
+            rows.append(row + [0] * (per_layer - len(row)))
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1)
 
     def _plan(self, fb: "_FastBuffers", B: int) -> list[tuple]:
         """Every argument of the per-layer C calls of a ``B``-row decode step that does not change per step."""

@@ -60,7 +60,7 @@ import torch
 
 from ..pack import TernaryWeight, get_layout
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 FORMATS = {"2bit-r4": 0, "1.6bit-r4": 1, "1.67bit-lut": 2}
 """Native layouts and their format ids in the C API."""
 NATIVE_LAYOUT = {"2bit": "2bit-r4", "2bit-r4": "2bit-r4", "1.6bit": "1.6bit-r4", "1.6bit-r4": "1.6bit-r4",

@@ -124,6 +124,26 @@ BT_API int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t
                          const float *sin, void *kc, void *vc, float *ks, float *vs, int dt, int64_t max_len,
                          float *out, float *scores);
 
+/* The transformer blocks of one decode step of B rows, in C (what the engine's Python loop does with
+ * the calls above, without a Python call per kernel). All arguments are int64 arrays (pointers as
+ * integers, floats as their float32 bit patterns in the low 32 bits):
+ *   bufs  [BT_DEC_NBUF]: see enum bt_dec_buf;
+ *   plan  [nlayers * BT_DEC_LAYER]: per layer the four norm weights (0 = none), then for the stages
+ *         qkv, o, gate_up, down a product count c (<= BT_DEC_MAXMM in all) and after the four counts
+ *         the products in stage order, each (fmt, w, N, K, gamma bits, output pointer, output row stride);
+ *   rows  [2 * B]: the cache slot and the position of each row.
+ * Returns 0, or the first failing call's code. */
+enum bt_dec_buf {
+    BT_DEC_X, BT_DEC_XN, BT_DEC_QKV, BT_DEC_ATTN, BT_DEC_O, BT_DEC_GU, BT_DEC_DOWN, BT_DEC_QH, BT_DEC_LDH, BT_DEC_QF,
+    BT_DEC_LDF, BT_DEC_S, BT_DEC_RS, BT_DEC_SCORES, BT_DEC_COS, BT_DEC_SIN, BT_DEC_HIDDEN, BT_DEC_FFN, BT_DEC_H,
+    BT_DEC_KVH, BT_DEC_HD, BT_DEC_ACT, BT_DEC_EPS, BT_DEC_KBASE, BT_DEC_VBASE, BT_DEC_KSBASE, BT_DEC_VSBASE,
+    BT_DEC_KVDT, BT_DEC_MAXLEN, BT_DEC_SLOTS, BT_DEC_PLANE, BT_DEC_SPLANE, BT_DEC_NBUF
+};
+#define BT_DEC_MAXMM 8
+#define BT_DEC_LAYER (8 + 7 * BT_DEC_MAXMM)
+BT_API int bt_eng_decode_layers(const int64_t *bufs, const int64_t *plan, int64_t nlayers, const int64_t *rows,
+                                int64_t B);
+
 #ifdef __cplusplus
 }
 #endif

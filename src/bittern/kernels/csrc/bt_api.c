@@ -13,7 +13,7 @@
 #include <sys/auxv.h>
 #endif
 
-#define BT_ABI_VERSION 3
+#define BT_ABI_VERSION 4
 
 static const bt_kernels *g_kern = &bt_kernels_scalar;
 static int g_isa = BT_ISA_SCALAR;

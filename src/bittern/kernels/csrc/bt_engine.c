@@ -120,6 +120,75 @@ int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, c
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * decode: the layer loop (bittern.h documents the argument arrays)
+ */
+
+static inline float bits_to_float(int64_t v) {
+    uint32_t u = (uint32_t)v;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#define P_(v) ((void *)(intptr_t)(v))
+
+int bt_eng_decode_layers(const int64_t *bufs, const int64_t *plan, int64_t nlayers, const int64_t *rows, int64_t B) {
+    if (!bufs || !plan || !rows || nlayers < 0 || B <= 0) return -1;
+    const int64_t h = bufs[BT_DEC_HIDDEN], f = bufs[BT_DEC_FFN], H = bufs[BT_DEC_H], KVH = bufs[BT_DEC_KVH];
+    const int64_t hd = bufs[BT_DEC_HD], ldh = bufs[BT_DEC_LDH], ldf = bufs[BT_DEC_LDF], max_len = bufs[BT_DEC_MAXLEN];
+    const int64_t kvd = KVH * hd, row_qkv = h + 2 * kvd, plane = bufs[BT_DEC_PLANE], splane = bufs[BT_DEC_SPLANE];
+    const float eps = bits_to_float(bufs[BT_DEC_EPS]);
+    const int act = (int)bufs[BT_DEC_ACT], dt = (int)bufs[BT_DEC_KVDT];
+    float *x = P_(bufs[BT_DEC_X]), *xn = P_(bufs[BT_DEC_XN]), *qkv = P_(bufs[BT_DEC_QKV]), *attn = P_(bufs[BT_DEC_ATTN]);
+    float *o = P_(bufs[BT_DEC_O]), *gu = P_(bufs[BT_DEC_GU]), *down = P_(bufs[BT_DEC_DOWN]);
+    int8_t *qh = P_(bufs[BT_DEC_QH]), *qf = P_(bufs[BT_DEC_QF]);
+    float *s = P_(bufs[BT_DEC_S]), *scores = P_(bufs[BT_DEC_SCORES]);
+    int32_t *rs = P_(bufs[BT_DEC_RS]);
+    const float *cos = P_(bufs[BT_DEC_COS]), *sin = P_(bufs[BT_DEC_SIN]);
+    char *kbase = P_(bufs[BT_DEC_KBASE]), *vbase = P_(bufs[BT_DEC_VBASE]);
+    char *ksbase = P_(bufs[BT_DEC_KSBASE]), *vsbase = P_(bufs[BT_DEC_VSBASE]);
+    /* per stage: the activations it reads */
+    int8_t *const stage_q[4] = {qh, qh, qh, qf};
+    const int64_t stage_ldq[4] = {ldh, ldh, ldh, ldf};
+    int rc;
+    for (int64_t i = 0; i < nlayers; i++) {
+        const int64_t *L = plan + i * BT_DEC_LAYER, *mm = L + 8;
+        const float *attn_norm = P_(L[0]), *attn_sub_norm = P_(L[1]), *ffn_norm = P_(L[2]), *ffn_sub_norm = P_(L[3]);
+        for (int st = 0; st < 4; st++) {
+            switch (st) { /* what runs before the stage's products */
+            case 0:
+                rc = bt_eng_norm_quant(x, i ? down : NULL, attn_norm, eps, B, h, xn, qh, ldh, s, rs);
+                break;
+            case 1:
+                rc = 0;
+                for (int64_t b = 0; b < B && !rc; b++) {
+                    const int64_t slot = rows[2 * b], pos = rows[2 * b + 1], pl = i * bufs[BT_DEC_SLOTS] + slot;
+                    rc = bt_eng_attend(qkv + b * row_qkv, H, KVH, hd, pos, cos + pos * hd, sin + pos * hd, kbase + pl * plane,
+                                       vbase + pl * plane, ksbase ? P_(ksbase + pl * splane) : NULL,
+                                       vsbase ? P_(vsbase + pl * splane) : NULL, dt, max_len, attn + b * h, scores);
+                }
+                if (!rc) rc = bt_eng_norm_quant(attn, NULL, attn_sub_norm, eps, B, h, NULL, qh, ldh, s, rs);
+                break;
+            case 2:
+                rc = bt_eng_norm_quant(x, o, ffn_norm, eps, B, h, xn, qh, ldh, s, rs);
+                break;
+            default:
+                rc = bt_eng_act_quant(gu, B, f, act, ffn_sub_norm, eps, qf, ldf, s, rs);
+            }
+            if (rc) return rc;
+            for (int64_t c = 0; c < L[4 + st]; c++, mm += 7) {
+                rc = bt_matmul_mode(0, (int)mm[0], P_(mm[1]), mm[2], mm[3], stage_q[st], stage_ldq[st], rs, s, B,
+                                    bits_to_float(mm[4]), P_(mm[5]), NULL, mm[6]);
+                if (rc) return rc;
+            }
+        }
+    }
+    return 0;
+}
+
+#undef P_
+
+/* ------------------------------------------------------------------------------------------------
  * head: layout helpers
  */
 
