@@ -102,7 +102,7 @@ BT_API int64_t bt_head_row_bytes(int fmt, int64_t K);
 BT_API int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int fmt, uint8_t *codes,
                             float *scales, int release);
 /* y [T, ldy] = (q @ codes^T) * scale[n] / s[t]; q [T, ldq] from bt_quantize (zero padded to the
- * format's padded K: K for int8, 128 * ceil(K / 128) for int6). */
+ * format's padded K: K for int8, 128 * ceil(K / 128) for int6, 256 * ceil(K / 256) for int5). */
 BT_API int bt_head_matmul(int fmt, const uint8_t *w, const float *scale, int64_t N, int64_t K, const int8_t *q,
                           int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, float *y, int64_t ldy);
 /* Dequantised rows ids[0..n) as float32 out [n, K] (embedding lookups). */
