@@ -373,6 +373,9 @@ int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, co
         int64_t fair = (j.ngroups + 4 * n - 1) / (4 * n);
         j.chunk = n == 1 ? j.ngroups : c < fair ? c : fair;
         if (j.chunk < 1) j.chunk = 1;
+        /* 1.67bit-lut: the AVX2 GEMV reads two 32-row groups per pass (a lone group costs a full pass),
+         * so items hold whole pairs */
+        if (fmt == BT_FMT_1P67BIT_LUT && (j.chunk & 1) && j.chunk < j.ngroups) j.chunk++;
     } else {
         /* one work item per panel of decoded rows (a multiple of the 4-row group); one K chunk of the
          * panel (at most BT_KC_BYTES columns, see the AVX2 GEMM) should fit in L2 */

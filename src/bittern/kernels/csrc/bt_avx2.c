@@ -444,9 +444,10 @@ AVX2 static void lut_tables_avx2(const int8_t *q, int64_t Kp, uint8_t *tab) {
     }
 
 /* Two full groups at once (two weight streams): each table vector is loaded once for 64 rows (measured
- * on one core: ~16 instead of ~13-14 GB/s from L2, 0-8% from DRAM). A lone group passes itself twice. */
+ * on one core: ~16 instead of ~13-14 GB/s from L2, 0-8% from DRAM). two = 0: group a alone (the callers
+ * pass a constant, so each form is compiled without the other's work). */
 AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t nb, const uint8_t *tab, int32_t outa[32],
-                                 int32_t outb[32]) {
+                                 int32_t outb[32], const int two) {
     const __m256i m15 = _mm256_set1_epi8(15);
     const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
                                           32, 64, 64, 64, 64, -128, -128, -128, -128);
@@ -460,9 +461,11 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t n
             _mm_prefetch((const char *)pa + BT_LUT_PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)pa + BT_LUT_PREFETCH + 64, _MM_HINT_T0);
             _mm_prefetch((const char *)pa + BT_LUT_PREFETCH + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)pb + BT_LUT_PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)pb + BT_LUT_PREFETCH + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)pb + BT_LUT_PREFETCH + 128, _MM_HINT_T0);
+            if (two) {
+                _mm_prefetch((const char *)pb + BT_LUT_PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)pb + BT_LUT_PREFETCH + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)pb + BT_LUT_PREFETCH + 128, _MM_HINT_T0);
+            }
 #endif
             const uint8_t *t = tab + 256 * b;
 #pragma GCC unroll 1
@@ -473,7 +476,7 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t n
                 const __m256i T2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tk + 32)));
                 const __m256i T3 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tk + 48)));
                 LUT_ONE(pa, Ea, Oa)
-                LUT_ONE(pb, Eb, Ob)
+                if (two) LUT_ONE(pb, Eb, Ob)
             }
             pa += 160;
             pb += 160;
@@ -490,8 +493,9 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t n
     for (int i = 0; i < 4; i++) {
         _mm256_storeu_si256((__m256i *)(outa + 8 * i),
                             _mm256_add_epi32(sa[i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(pa + 16 * i)))));
-        _mm256_storeu_si256((__m256i *)(outb + 8 * i),
-                            _mm256_add_epi32(sb[i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(pb + 16 * i)))));
+        if (two)
+            _mm256_storeu_si256((__m256i *)(outb + 8 * i),
+                                _mm256_add_epi32(sb[i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(pb + 16 * i)))));
     }
 }
 
@@ -571,7 +575,10 @@ AVX2 static void gemv_lut_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
             const int two = g + 1 < full && (g + 1) * BT_LUT_ROWS < row1; /* the next group is ours too */
             const uint8_t *pa = bt_lut_group_ptr(a, g), *pb = two ? bt_lut_group_ptr(a, g + 1) : pa;
             for (int64_t t = 0; t < a->T; t++) {
-                gemv_lut_group2(pa, pb, nb, a->lut + per * (size_t)t, acc, acc2);
+                if (two)
+                    gemv_lut_group2(pa, pb, nb, a->lut + per * (size_t)t, acc, acc2, 1);
+                else
+                    gemv_lut_group2(pa, pa, nb, a->lut + per * (size_t)t, acc, acc2, 0);
                 for (int r = 0; r < BT_LUT_ROWS; r++) bt_store(a, t, n0 + r, acc[r] + a->rowsum[t]);
                 if (two)
                     for (int r = 0; r < BT_LUT_ROWS; r++) bt_store(a, t, n0 + BT_LUT_ROWS + r, acc2[r] + a->rowsum[t]);
