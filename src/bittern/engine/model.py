@@ -77,6 +77,7 @@ class _FastBuffers:
         self.qf_args = (self.qf.data_ptr(), kp_f, self.s.data_ptr(), self.rs.data_ptr())
         self.plan: list[tuple] | None = None
         self.c_plan: torch.Tensor | None = None
+        self.c_bufs: tuple[tuple, torch.Tensor] | None = None  # (cache key, bt_eng_decode_layers' bufs array)
 
 
 _KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
@@ -352,13 +353,15 @@ class EngineModel:
             plan = fb.plan = self._plan(fb, B)
             fb.c_plan = self._c_plan(plan) if self.native_layer_loop else None
         if fb.c_plan is not None:  # every block in one C call
-            bufs = torch.tensor([
-                xp, xnp, qkvp, attnp, fb.o.data_ptr(), fb.gu.data_ptr(), downp, fb.qh_args[0], fb.qh_args[1],
-                fb.qf_args[0], fb.qf_args[1], fb.s.data_ptr(), fb.rs.data_ptr(), scores, cbase, sbase, h,
-                cfg.intermediate_size, H, KVH, hd, 0 if cfg.activation == "swiglu" else 1, _f32_bits(eps), kbase, vbase,
-                ksbase, vsbase, dt, max_len, slots_n, plane, splane], dtype=torch.int64)
+            cache_key = (kbase, vbase, ksbase, vsbase, dt, max_len, slots_n)
+            if fb.c_bufs is None or fb.c_bufs[0] != cache_key:  # buffers and cache: fixed while the cache is
+                fb.c_bufs = (cache_key, torch.tensor([
+                    xp, xnp, qkvp, attnp, fb.o.data_ptr(), fb.gu.data_ptr(), downp, fb.qh_args[0], fb.qh_args[1],
+                    fb.qf_args[0], fb.qf_args[1], fb.s.data_ptr(), fb.rs.data_ptr(), scores, cbase, sbase, h,
+                    cfg.intermediate_size, H, KVH, hd, 0 if cfg.activation == "swiglu" else 1, _f32_bits(eps), kbase,
+                    vbase, ksbase, vsbase, dt, max_len, slots_n, plane, splane], dtype=torch.int64))
             rows = torch.tensor([v for b in range(B) for v in (slots[b], positions[b])], dtype=torch.int64)
-            rc = C.decode_layers(bufs.data_ptr(), fb.c_plan.data_ptr(), len(self.layers), rows.data_ptr(), B)
+            rc = C.decode_layers(fb.c_bufs[1].data_ptr(), fb.c_plan.data_ptr(), len(self.layers), rows.data_ptr(), B)
             if rc != 0:
                 raise RuntimeError(f"decode step failed in the native library ({rc})")
             plan = []
