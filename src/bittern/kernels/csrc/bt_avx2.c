@@ -468,7 +468,7 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t n
             }
 #endif
             const uint8_t *t = tab + 256 * b;
-#pragma GCC unroll 1
+#pragma GCC unroll 1 /* unrolled, GCC interleaves the pairs and spills */
             for (int k = 0; k < 4; k++) {
                 const uint8_t *tk = t + 64 * k;
                 const __m256i T0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tk));
