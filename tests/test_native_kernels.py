@@ -235,6 +235,36 @@ def test_products_bit_exact_larger(isa, layout):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matmul_many_equals_separate_products(isa, threads):
+    """Several weights of one input in one call (the decode step's q/k/v and gate/up): every slice equals
+    the reference product, for mixed layouts, ragged rows and columns, decode- and prefill-sized T."""
+    nat.set_isa(isa)
+    nat.set_threads(threads)
+    gen = torch.Generator().manual_seed(23 + threads)
+    for t, k, rows in [(1, 300, [133, 64, 7]), (1, 2560, [520, 130, 130]), (3, 97, [5, 1, 40, 33]),
+                       (12, 777, [64, 9]), (70, 161, [21, 50])]:
+        weights, refs = [], []
+        x = _acts(t, k, gen)
+        for i, n in enumerate(rows):
+            codes = _codes(n, k, gen)
+            w = TernaryWeight.from_codes(codes, torch.rand((), generator=gen) + 0.01, NATIVE_LAYOUTS[i % 3])
+            weights.append(w)
+            refs.append(REF.linear(x, w))
+        q, s, rowsum = nat.quantize_activations(x)
+        out = torch.full((t, sum(rows) + 3), float("nan"))
+        got = nat.matmul_many(q, s, rowsum, weights, out=out)
+        assert got is out
+        assert torch.equal(out[:, : sum(rows)], torch.cat(refs, 1)), (isa, threads, t, k, rows)
+        assert torch.isnan(out[:, sum(rows):]).all()  # nothing written past the products
+    with pytest.raises(ValueError, match="same in_features"):
+        w1 = TernaryWeight.from_codes(_codes(4, 8, gen), 1.0, "2bit-r4")
+        w2 = TernaryWeight.from_codes(_codes(4, 9, gen), 1.0, "2bit-r4")
+        q, s, rowsum = nat.quantize_activations(_acts(1, 9, gen))
+        nat.matmul_many(q, s, rowsum, [w1, w2])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_lookup_tables_follow_changed_activations(isa):
     """The 1.67bit-lut GEMV reuses the tables of byte-identical activations; one changed byte in the same
     buffer, or another weight of a different width, must not see stale tables."""

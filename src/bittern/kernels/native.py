@@ -60,7 +60,7 @@ import torch
 
 from ..pack import TernaryWeight, get_layout
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 FORMATS = {"2bit-r4": 0, "1.6bit-r4": 1, "1.67bit-lut": 2}
 """Native layouts and their format ids in the C API."""
 NATIVE_LAYOUT = {"2bit": "2bit-r4", "2bit-r4": "2bit-r4", "1.6bit": "1.6bit-r4", "1.6bit-r4": "1.6bit-r4",
@@ -112,6 +112,7 @@ def _load() -> ctypes.CDLL | None:
         "bt_quantize": (i32, [vp, i32, i64, i64, i64, vp, i64, vp, vp]),
         "bt_matmul": (i32, [i32, vp, i64, i64, vp, i64, vp, vp, i64, f32, vp, vp, i64]),
         "bt_matmul_mode": (i32, [i32, i32, vp, i64, i64, vp, i64, vp, vp, i64, f32, vp, vp, i64]),
+        "bt_matmul_many": (i32, [i32, vp, vp, vp, i64, vp, i64, vp, vp, i64, vp, vp, vp]),
         "bt_stream_read": (ctypes.c_uint64, [vp, i64, i64]),
         "bt_threading_name": (ctypes.c_char_p, []),
         "bt_bench": (
@@ -405,6 +406,53 @@ def matmul_int32(
 ) -> torch.Tensor:
     """The exact int32 accumulators ``q @ codes^T`` (``rowsum`` must be the row sums of ``q``); for tests."""
     return _matmul({"auto": 0, "gemv": 1, "gemm": 2}[mode], q, None, rowsum, weight, out, int32=True)
+
+
+def matmul_many(
+    q: torch.Tensor, s: torch.Tensor, rowsum: torch.Tensor, weights: list[TernaryWeight], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Products of one set of activations with several weights, side by side: ``out [T, sum N_i]``.
+
+    Each slice equals :func:`matmul` of its weight bit for bit; for decode-sized ``T`` all products run
+    in one thread-pool dispatch with their work items interleaved (q/k/v, gate/up of a block).
+    """
+    lib = _need()
+    if not weights or len(weights) > 8:
+        raise ValueError("matmul_many takes 1 to 8 weights")
+    metas = [_meta(w, lib) for w in weights]
+    K = metas[0].K
+    if any(m.K != K for m in metas):
+        raise ValueError("matmul_many: all weights must have the same in_features")
+    if q.dtype != torch.int8 or q.dim() != 2 or not q.is_cpu or q.stride(1) != 1:
+        raise ValueError("q must be a 2-D int8 CPU tensor [T, padded K] with unit column stride")
+    T = q.shape[0]
+    if q.shape[1] < max(m.Kp for m in metas):
+        raise ValueError(f"q has {q.shape[1]} columns; these weights need {max(m.Kp for m in metas)} (see padded_k)")
+    if rowsum.dtype != torch.int32 or not rowsum.is_cpu or not rowsum.is_contiguous() or rowsum.numel() < T:
+        raise ValueError("rowsum must be a contiguous int32 CPU tensor with one entry per token")
+    if s.dtype != torch.float32 or not s.is_cpu or not s.is_contiguous() or s.numel() < T:
+        raise ValueError("s must be a contiguous float32 CPU tensor with one entry per token")
+    total = sum(m.N for m in metas)
+    if out is None:
+        out = torch.empty((T, total), dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.dim() != 2 or not out.is_cpu or out.shape[0] < T or out.shape[1] < total \
+            or out.stride(1) != 1:
+        raise ValueError(f"out must be a float32 CPU tensor [{T}, >= {total}] with unit column stride")
+    if T == 0:
+        return out
+    n = len(metas)
+    offsets = [sum(m.N for m in metas[:i]) for i in range(n)]
+    fmts = (ctypes.c_int * n)(*[m.fmt for m in metas])
+    ptrs = (ctypes.c_void_p * n)(*[m.ptr for m in metas])
+    Ns = (ctypes.c_int64 * n)(*[m.N for m in metas])
+    gammas = (ctypes.c_float * n)(*[m.gamma for m in metas])
+    ys = (ctypes.c_void_p * n)(*[out.data_ptr() + 4 * o for o in offsets])
+    ldys = (ctypes.c_int64 * n)(*([out.stride(0)] * n))
+    rc = lib.bt_matmul_many(n, fmts, ptrs, Ns, K, q.data_ptr(), q.stride(0), rowsum.data_ptr(), s.data_ptr(), T,
+                            gammas, ys, ldys)
+    if rc != 0:
+        raise RuntimeError(f"bt_matmul_many failed ({rc})")
+    return out
 
 
 def stream_read(buf: torch.Tensor, prefetch_bytes: int = 0) -> int:

@@ -76,6 +76,13 @@ BT_API int bt_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int8
 BT_API int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
                           const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
                           int64_t ldy);
+/* Several products of the same activations, y[i] = bt_matmul(fmt[i], w[i], N[i], K, q, ldq, rowsum, s, T,
+ * gamma[i], y[i], NULL, ldy[i]) for i < count (<= 8), bit for bit. GEMV-sized T (decode: q/k/v, gate/up)
+ * runs all of them in one thread-pool dispatch with their work items interleaved; otherwise one after
+ * another. */
+BT_API int bt_matmul_many(int count, const int *fmt, const uint8_t *const *w, const int64_t *N, int64_t K,
+                          const int8_t *q, int64_t ldq, const int32_t *rowsum, const float *s, int64_t T,
+                          const float *gamma, float *const *y, const int64_t *ldy);
 
 /* Streaming read of nbytes (the memory roofline): returns a checksum so the loads are not elided.
  * prefetch_bytes > 0 adds software prefetches that far ahead. Uses the current threads and ISA. */

@@ -13,7 +13,7 @@
 #include <sys/auxv.h>
 #endif
 
-#define BT_ABI_VERSION 4
+#define BT_ABI_VERSION 5
 
 static const bt_kernels *g_kern = &bt_kernels_scalar;
 static int g_isa = BT_ISA_SCALAR;
@@ -227,10 +227,22 @@ typedef struct {
     int64_t chunk;      /* groups per work item */
     int64_t panel_rows; /* GEMM: decoded rows per panel */
     int64_t panel_k;    /* GEMM: decoded panel width (Kp, or for 1.67bit-lut Kp rounded up to 32) */
+    int mode;           /* 1 GEMV, 2 GEMM */
+    int nthreads;       /* threads the product is split over */
     _Atomic int64_t next; /* next work item (dynamic schedule: a thread that is descheduled on a
                              busy machine simply takes fewer items) */
     _Atomic int failed;
 } mm_job;
+
+/* GEMV of the work item that starts at group g0 */
+static void gemv_item(const mm_job *j, int64_t g0) {
+    int64_t g1 = g0 + j->chunk < j->ngroups ? g0 + j->chunk : j->ngroups;
+    int64_t r1 = g1 * j->group < j->m.N ? g1 * j->group : j->m.N;
+    if (j->m.fmt == BT_FMT_1P67BIT_LUT)
+        j->k->gemv_lut(&j->m, g0 * j->group, r1);
+    else
+        j->k->gemv(&j->m, g0 * j->group, r1);
+}
 
 static void gemv_task(void *ctx, int tid, int n) {
     mm_job *j = (mm_job *)ctx;
@@ -239,12 +251,7 @@ static void gemv_task(void *ctx, int tid, int n) {
     for (;;) {
         int64_t g0 = atomic_fetch_add(&j->next, j->chunk);
         if (g0 >= j->ngroups) break;
-        int64_t g1 = g0 + j->chunk < j->ngroups ? g0 + j->chunk : j->ngroups;
-        int64_t r1 = g1 * j->group < j->m.N ? g1 * j->group : j->m.N;
-        if (j->m.fmt == BT_FMT_1P67BIT_LUT)
-            j->k->gemv_lut(&j->m, g0 * j->group, r1);
-        else
-            j->k->gemv(&j->m, g0 * j->group, r1);
+        gemv_item(j, g0);
     }
 }
 
@@ -315,67 +322,60 @@ static const uint8_t *lut_tables_for(const int8_t *q, int64_t ldq, int64_t T, in
 
 #define BT_STACK_T 64
 
-int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
-                   const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
-                   int64_t ldy) {
+/* Checks the arguments of one product and fills j for mode 0 (auto), 1 (GEMV) or 2 (GEMM) on up to
+ * nthreads threads; f (T floats) receives gamma / s[t] when y is given. Returns 0 or the error code of
+ * bt_matmul_mode. j->chunk is the GEMV work item in groups (or the GEMM panel in groups). */
+static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q,
+                      int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y,
+                      int32_t *yi, int64_t ldy, float *f, int nthreads) {
     if (fmt != BT_FMT_2BIT_R4 && fmt != BT_FMT_1P6BIT_R4 && fmt != BT_FMT_1P67BIT_LUT) return -2;
     if (!w || !q || !rowsum || (!y && !yi) || (y && !s) || N <= 0 || K <= 0 || T < 0 || ldy < N) return -1;
     int64_t Kp = bt_padded_k(fmt, K);
     if (ldq < Kp) return -3;
     if (fmt == BT_FMT_1P67BIT_LUT && Kp / 3 > 32767) return -1; /* per-row counts are int16 */
     const int64_t Kd = fmt == BT_FMT_1P67BIT_LUT ? (Kp + 31) / 32 * 32 : Kp;
-    if (T == 0) return 0;
-    float fstack[BT_STACK_T];
-    float *f = NULL;
-    if (y) {
-        f = T <= BT_STACK_T ? fstack : (float *)malloc(sizeof(float) * (size_t)T);
-        if (!f) return -4;
+    if (y)
         for (int64_t t = 0; t < T; t++) f[t] = gamma / s[t]; /* float32 division, as quant.rescale */
-    }
-    mm_job j;
-    memset(&j, 0, sizeof(j));
-    j.m.fmt = fmt;
-    j.m.w = w;
-    j.m.N = N;
-    j.m.K = K;
-    j.m.Kp = Kp;
-    j.m.row_bytes = row_bytes(fmt, Kp);
-    j.m.q = q;
-    j.m.ldq = ldq;
-    j.m.rowsum = rowsum;
-    j.m.f = f;
-    j.m.T = T;
-    j.m.y = y;
-    j.m.yi = yi;
-    j.m.ldy = ldy;
-    j.k = g_kern;
-    j.panel_k = Kd;
+    memset(j, 0, sizeof(*j));
+    j->m.fmt = fmt;
+    j->m.w = w;
+    j->m.N = N;
+    j->m.K = K;
+    j->m.Kp = Kp;
+    j->m.row_bytes = row_bytes(fmt, Kp);
+    j->m.q = q;
+    j->m.ldq = ldq;
+    j->m.rowsum = rowsum;
+    j->m.f = y ? f : NULL;
+    j->m.T = T;
+    j->m.y = y;
+    j->m.yi = yi;
+    j->m.ldy = ldy;
+    j->k = g_kern;
+    j->panel_k = Kd;
     if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : 2;
-    if (mode == 2 && ldq < Kd) {
-        if (f && f != fstack) free(f);
-        return -3; /* the GEMM reads Kd zero-padded activation columns */
-    }
-    j.group = mode == 1 && fmt == BT_FMT_1P67BIT_LUT ? BT_LUT_ROWS : BT_GROUP;
-    j.ngroups = (N + j.group - 1) / j.group;
-    int n = g_threads;
-    if ((int64_t)n > j.ngroups) n = (int)j.ngroups;
-    if (mode == 1 && fmt == BT_FMT_1P67BIT_LUT && g_kern->lut_tables) {
-        j.m.lut = lut_tables_for(q, ldq, T, Kp);
-        if (!j.m.lut) {
-            if (f && f != fstack) free(f);
-            return -4;
-        }
+    if (mode == 2 && ldq < Kd && T > 0) return -3; /* the GEMM reads Kd zero-padded activation columns */
+    j->mode = mode;
+    j->group = mode == 1 && fmt == BT_FMT_1P67BIT_LUT ? BT_LUT_ROWS : BT_GROUP;
+    j->ngroups = (N + j->group - 1) / j->group;
+    int n = nthreads;
+    if ((int64_t)n > j->ngroups) n = (int)j->ngroups;
+    if (n < 1) n = 1;
+    j->nthreads = n;
+    if (T > 0 && mode == 1 && fmt == BT_FMT_1P67BIT_LUT && g_kern->lut_tables) {
+        j->m.lut = lut_tables_for(q, ldq, T, Kp);
+        if (!j->m.lut) return -4;
     }
     if (mode == 1) {
         /* work items of ~g_item_bytes of weights (at least 1 group), several per thread */
-        int64_t group_bytes = j.group * j.m.row_bytes;
+        int64_t group_bytes = j->group * j->m.row_bytes;
         int64_t c = (g_item_bytes + group_bytes - 1) / group_bytes;
-        int64_t fair = (j.ngroups + 4 * n - 1) / (4 * n);
-        j.chunk = n == 1 ? j.ngroups : c < fair ? c : fair;
-        if (j.chunk < 1) j.chunk = 1;
+        int64_t fair = (j->ngroups + 4 * n - 1) / (4 * n);
+        j->chunk = n == 1 ? j->ngroups : c < fair ? c : fair;
+        if (j->chunk < 1) j->chunk = 1;
         /* 1.67bit-lut: the AVX2 GEMV reads two 32-row groups per pass (a lone group costs a full pass),
          * so items hold whole pairs */
-        if (fmt == BT_FMT_1P67BIT_LUT && (j.chunk & 1) && j.chunk < j.ngroups) j.chunk++;
+        if (fmt == BT_FMT_1P67BIT_LUT && (j->chunk & 1) && j->chunk < j->ngroups) j->chunk++;
     } else {
         /* one work item per panel of decoded rows (a multiple of the 4-row group); one K chunk of the
          * panel (at most BT_KC_BYTES columns, see the AVX2 GEMM) should fit in L2 */
@@ -387,13 +387,114 @@ int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, co
         if (pr > BT_MAX_PANEL_ROWS) pr = BT_MAX_PANEL_ROWS;
         /* 1.67bit-lut decodes whole 32-row groups: panels of whole groups waste no decoding */
         if (fmt == BT_FMT_1P67BIT_LUT && pr >= BT_LUT_ROWS) pr = pr / BT_LUT_ROWS * BT_LUT_ROWS;
-        j.panel_rows = pr;
-        j.chunk = pr / BT_GROUP;
+        j->panel_rows = pr;
+        j->chunk = pr / BT_GROUP;
     }
-    atomic_store(&j.next, 0);
-    bt_parallel(mode == 1 ? gemv_task : gemm_task, &j, n < 1 ? 1 : n);
-    if (f && f != fstack) free(f);
+    atomic_store(&j->next, 0);
+    return 0;
+}
+
+int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
+                   const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
+                   int64_t ldy) {
+    float fstack[BT_STACK_T];
+    float *f = fstack;
+    if (y && T > BT_STACK_T) {
+        f = (float *)malloc(sizeof(float) * (size_t)T);
+        if (!f) return -4;
+    }
+    mm_job j;
+    int rc = mm_prepare(&j, mode, fmt, w, N, K, q, ldq, rowsum, s, T, gamma, y, yi, ldy, f, g_threads);
+    if (!rc && T > 0) bt_parallel(j.mode == 1 ? gemv_task : gemm_task, &j, j.nthreads);
+    if (f != fstack) free(f);
+    if (rc) return rc;
     return atomic_load(&j.failed) ? -4 : 0;
+}
+
+/* ------------------------------------------------------------------------------ several products */
+
+#define BT_MANY_MAX 8
+#define BT_MANY_ITEMS 1024
+
+typedef struct {
+    mm_job *jobs;
+    int16_t item_job[BT_MANY_ITEMS]; /* work item i: product item_job[i], its item item_idx[i] */
+    int32_t item_idx[BT_MANY_ITEMS];
+    int64_t nitems;
+    _Atomic int64_t next;
+} many_job;
+
+static void many_task(void *ctx, int tid, int n) {
+    many_job *mj = (many_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    for (;;) {
+        int64_t i = atomic_fetch_add(&mj->next, 1);
+        if (i >= mj->nitems) break;
+        const mm_job *j = &mj->jobs[mj->item_job[i]];
+        gemv_item(j, (int64_t)mj->item_idx[i] * j->chunk);
+    }
+}
+
+int bt_matmul_many(int count, const int *fmt, const uint8_t *const *w, const int64_t *N, int64_t K, const int8_t *q,
+                   int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, const float *gamma,
+                   float *const *y, const int64_t *ldy) {
+    if (count <= 0 || count > BT_MANY_MAX || !fmt || !w || !N || !gamma || !y || !ldy || T < 0) return -1;
+    if (T > BT_STACK_T) { /* prefill-sized: the GEMM of each product on all threads, one after another */
+        for (int i = 0; i < count; i++) {
+            int rc = bt_matmul_mode(0, fmt[i], w[i], N[i], K, q, ldq, rowsum, s, T, gamma[i], y[i], NULL, ldy[i]);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    mm_job jobs[BT_MANY_MAX];
+    float f[BT_MANY_MAX][BT_STACK_T];
+    int gemv = 1;
+    for (int i = 0; i < count; i++) {
+        int rc = mm_prepare(&jobs[i], 0, fmt[i], w[i], N[i], K, q, ldq, rowsum, s, T, gamma[i], y[i], NULL, ldy[i], f[i],
+                            g_threads);
+        if (rc) return rc;
+        if (!y[i]) return -1;
+        gemv &= jobs[i].mode == 1;
+    }
+    if (T == 0) return 0;
+    many_job mj;
+    mj.jobs = jobs;
+    mj.nitems = 0;
+    int64_t counts[BT_MANY_MAX], taken[BT_MANY_MAX], total = 0;
+    for (int i = 0; i < count; i++) {
+        counts[i] = (jobs[i].ngroups + jobs[i].chunk - 1) / jobs[i].chunk;
+        taken[i] = 0;
+        total += counts[i];
+    }
+    if (!gemv || g_threads <= 1 || count == 1 || total > BT_MANY_ITEMS) {
+        /* GEMM-sized, one thread, or too many items: one product after another, as bt_matmul would */
+        for (int i = 0; i < count; i++) {
+            bt_parallel(jobs[i].mode == 1 ? gemv_task : gemm_task, &jobs[i], jobs[i].nthreads);
+            if (atomic_load(&jobs[i].failed)) return -4;
+        }
+        return 0;
+    }
+    /* interleave the products' items in proportion to their counts, so both threads stream from the
+     * whole group at once and the small products (k, v) share the dispatch of the big one */
+    for (int64_t it = 0; it < total; it++) {
+        int best = -1;
+        double best_frac = 2.0;
+        for (int i = 0; i < count; i++) {
+            if (taken[i] >= counts[i]) continue;
+            double frac = ((double)taken[i] + 0.5) / (double)counts[i];
+            if (frac < best_frac) {
+                best_frac = frac;
+                best = i;
+            }
+        }
+        mj.item_job[it] = (int16_t)best;
+        mj.item_idx[it] = (int32_t)taken[best]++;
+    }
+    mj.nitems = total;
+    atomic_store(&mj.next, 0);
+    bt_parallel(many_task, &mj, g_threads);
+    return 0;
 }
 
 int bt_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq, const int32_t *rowsum,

@@ -176,9 +176,25 @@ int bt_eng_decode_layers(const int64_t *bufs, const int64_t *plan, int64_t nlaye
                 rc = bt_eng_act_quant(gu, B, f, act, ffn_sub_norm, eps, qf, ldf, s, rs);
             }
             if (rc) return rc;
-            for (int64_t c = 0; c < L[4 + st]; c++, mm += 7) {
-                rc = bt_matmul_mode(0, (int)mm[0], P_(mm[1]), mm[2], mm[3], stage_q[st], stage_ldq[st], rs, s, B,
-                                    bits_to_float(mm[4]), P_(mm[5]), NULL, mm[6]);
+            /* the stage's products (q/k/v, gate/up) in one dispatch */
+            if (L[4 + st] < 0 || L[4 + st] > BT_DEC_MAXMM) return -1;
+            const int count = (int)L[4 + st];
+            int fmts[BT_DEC_MAXMM];
+            const uint8_t *ws[BT_DEC_MAXMM];
+            int64_t Ns[BT_DEC_MAXMM], ldys[BT_DEC_MAXMM];
+            float gammas[BT_DEC_MAXMM], *ys[BT_DEC_MAXMM];
+            for (int c = 0; c < count; c++, mm += 7) {
+                fmts[c] = (int)mm[0];
+                ws[c] = P_(mm[1]);
+                Ns[c] = mm[2];
+                gammas[c] = bits_to_float(mm[4]);
+                ys[c] = P_(mm[5]);
+                ldys[c] = mm[6];
+                if (mm[3] != mm[3 - 7 * c]) return -1; /* one input: every product of a stage has the same K */
+            }
+            if (count > 0) {
+                rc = bt_matmul_many(count, fmts, ws, Ns, (mm - 7 * count)[3], stage_q[st], stage_ldq[st], rs, s, B,
+                                    gammas, ys, ldys);
                 if (rc) return rc;
             }
         }
