@@ -240,6 +240,10 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 exp
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#ifndef BT_ATTEND_PF_ROWS
+#define BT_ATTEND_PF_ROWS 8 /* key rows prefetched ahead (2 KB for float16 rows of 128) */
+#endif
+
 #ifndef BT_ATTEND_PARALLEL_MIN
 #define BT_ATTEND_PARALLEL_MIN 65536 /* positions x heads x head size: below, one thread (~10 us of work) */
 #endif
@@ -284,9 +288,16 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_tile_avx2(const atte
     const int nh = (g + 1) * rep - h0 < 4 ? (int)((g + 1) * rep - h0) : 4;
     const float *qh[4];
     for (int j = 0; j < 4; j++) qh[j] = q + (h0 + (j < nh ? j : 0)) * hd;
-    /* scores: one key row against nh query heads */
+    /* scores: one key row against nh query heads. The cache rows come from DRAM (each token's weight
+     * stream evicts them): prefetch keys BT_ATTEND_PF_ROWS rows ahead, and each value row while its key
+     * is read, so the value pass below finds them in cache. */
+    const size_t row_bytes = (size_t)hd * es;
     for (int64_t p = 0; p < S; p++) {
-        const char *kr = kb + (size_t)p * hd * es;
+        const char *kr = kb + (size_t)p * row_bytes;
+        for (size_t o = 0; o < row_bytes; o += 64) {
+            if (p + BT_ATTEND_PF_ROWS < S) _mm_prefetch(kr + BT_ATTEND_PF_ROWS * row_bytes + o, _MM_HINT_T0);
+            _mm_prefetch(vb + (size_t)p * row_bytes + o, _MM_HINT_T0);
+        }
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t i = 0; i < hd; i += 8) {
             __m256 kv = load8_kv_avx2(kr, dt, i);
