@@ -444,8 +444,14 @@ AVX2 static void lut_tables_avx2(const int8_t *q, int64_t Kp, uint8_t *tab) {
     }
 
 /* Two full groups at once (two weight streams): each table vector is loaded once for 64 rows (measured
- * on one core: ~16 instead of ~13-14 GB/s from L2, 0-8% from DRAM). two = 0: group a alone (the callers
- * pass a constant, so each form is compiled without the other's work). */
+ * on one core: ~16 instead of ~13-14 GB/s from L2). two = 0: group a alone (the callers pass a constant,
+ * so each form is compiled without the other's work). From DRAM the second stream costs more than the
+ * table loads it saves (one group at a time: 3-5% faster on one thread, 2B4T gate/up from DRAM, five
+ * same-process A/B runs; about level on two threads), so matrices larger than BT_LUT_PAIR_MAX_BYTES,
+ * which decoding streams from memory, take one group at a time. */
+#ifndef BT_LUT_PAIR_MAX_BYTES
+#define BT_LUT_PAIR_MAX_BYTES (1 << 20)
+#endif
 AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t nb, const uint8_t *tab, int32_t outa[32],
                                  int32_t outb[32], const int two) {
     const __m256i m15 = _mm256_set1_epi8(15);
@@ -569,10 +575,12 @@ AVX2 static void gemv_lut_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
     const int64_t nb = a->Kp / BT_BLOCK_LUT, full = a->N / BT_LUT_ROWS;
     const size_t per = (size_t)(a->Kp / 3) * 32;
     int32_t acc[BT_LUT_ROWS], acc2[BT_LUT_ROWS];
+    const int pair = a->N * a->row_bytes <= BT_LUT_PAIR_MAX_BYTES;
     for (int64_t g = row0 / BT_LUT_ROWS; g * BT_LUT_ROWS < row1; g++) {
         const int64_t n0 = g * BT_LUT_ROWS;
         if (g < full) {
-            const int two = g + 1 < full && (g + 1) * BT_LUT_ROWS < row1; /* the next group is ours too */
+            /* the next group is ours too, and the matrix is small enough to be cache-resident */
+            const int two = pair && g + 1 < full && (g + 1) * BT_LUT_ROWS < row1;
             const uint8_t *pa = bt_lut_group_ptr(a, g), *pb = two ? bt_lut_group_ptr(a, g + 1) : pa;
             for (int64_t t = 0; t < a->T; t++) {
                 if (two)
