@@ -446,11 +446,11 @@ AVX2 static void lut_tables_avx2(const int8_t *q, int64_t Kp, uint8_t *tab) {
 /* Two full groups at once (two weight streams): each table vector is loaded once for 64 rows (measured
  * on one core: ~16 instead of ~13-14 GB/s from L2). two = 0: group a alone (the callers pass a constant,
  * so each form is compiled without the other's work). From DRAM the second stream costs more than the
- * table loads it saves (one group at a time: 3-5% faster on one thread, 2B4T gate/up from DRAM, five
- * same-process A/B runs; about level on two threads), so matrices larger than BT_LUT_PAIR_MAX_BYTES,
- * which decoding streams from memory, take one group at a time. */
+ * table loads it saves (one group at a time: 3-5% faster on one thread, 2B4T gate/up and k/v shapes
+ * from DRAM, seven same-process A/B runs; about level on two threads), so matrices larger than
+ * BT_LUT_PAIR_MAX_BYTES, which decoding streams from memory, take one group at a time. */
 #ifndef BT_LUT_PAIR_MAX_BYTES
-#define BT_LUT_PAIR_MAX_BYTES (1 << 20)
+#define BT_LUT_PAIR_MAX_BYTES (256 * 1024)
 #endif
 AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t nb, const uint8_t *tab, int32_t outa[32],
                                  int32_t outb[32], const int two) {
