@@ -132,6 +132,20 @@ def test_missing_directory_and_foreign_config(tmp_path):
         load_packed(tmp_path)
 
 
+def test_lookup_layout_of_an_older_revision_is_refused(tmp_path):
+    """1.67bit-lut changed its byte order (revision 2): a file without the revision is not misread."""
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny-2b4t")).eval()
+    save_packed(model, tmp_path, layout="1.67bit-lut", dtype="float32")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["layout_revision"] == 2
+    load_packed(tmp_path)  # the current revision loads
+    del config["layout_revision"]  # what a file from before the change looks like
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="revision 1 of that layout; this bittern reads revision 2"):
+        load_packed(tmp_path)
+
+
 def test_non_finite_weights_refuse_to_pack(tmp_path):
     model = Transformer(get_config("tiny"))
     with torch.no_grad():

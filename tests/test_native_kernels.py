@@ -119,6 +119,27 @@ def test_layout_byte_order_1p67bit_lut():
     assert int(tail_row[10:12].view(torch.int16)) == 0
 
 
+def test_layout_byte_order_1p67bit_lut_group_pairs():
+    """Full groups 2p and 2p+1 interleave their 160-byte blocks, then store both groups' counts; a third
+    full group without a partner is stored alone (layout revision 2)."""
+    codes = torch.zeros(3 * 32 + 5, 48, dtype=torch.int8)
+    codes[32 + 7, 3:6] = torch.tensor([0, 0, 1])  # group 1, row 7, block 0, triple 1 -> idx 1
+    codes[2, 24:27] = torch.tensor([0, -1, 0])  # group 0, row 2, block 1, triple 0 -> -(0, 1, 0): idx 3, negated
+    codes[64 + 9, 24:27] = torch.tensor([0, 1, 1])  # group 2 (alone), row 9, block 1, triple 0 -> idx 4
+    rb = 5 * 2 + 2
+    flat = LAYOUTS["1.67bit-lut"].pack(codes).reshape(-1)
+    pair = flat[: 64 * rb]
+    g0b0, g1b0, g0b1, g1b1 = (pair[160 * i : 160 * (i + 1)] for i in range(4))
+    assert int(g1b0[7]) >> 4 == 1 and int(g1b0[:128].sum()) == 1 << 4  # group 1's block 0 comes second
+    assert int(g0b0[:128].sum()) == 0 and int(g1b1[:128].sum()) == 0
+    assert int(g0b1[2]) & 15 == 3 and (int(g0b1[128 + 2 % 4]) >> (2 // 4)) & 1 == 1  # group 0, block 1
+    counts = pair[640:768].view(torch.int16)  # group 0's 32 counts, then group 1's
+    assert int(counts[2]) == 1 and int(counts.sum()) == 1
+    lone = flat[64 * rb : 96 * rb]  # group 2: its own blocks then counts
+    assert int(lone[160 + 9]) & 15 == 4 and int(lone[320:384].view(torch.int16).sum()) == 0
+    assert torch.equal(LAYOUTS["1.67bit-lut"].unpack(flat.reshape(-1, rb), 48), codes)
+
+
 def test_layout_corrupt_data_raises():
     bad = torch.full((4, 32), 0xFF, dtype=torch.uint8)  # every 2-bit field holds 3
     with pytest.raises(ValueError):

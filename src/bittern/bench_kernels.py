@@ -77,7 +77,7 @@ def random_packed(layout: str, n: int, k: int, gen: torch.Generator) -> TernaryW
     """A random ternary weight directly in packed form (fast even for 70B shapes)."""
     if layout not in ("2bit-r4", "1.6bit-r4"):  # no independent random bytes: pack random codes, by rows
         L = get_layout(layout)
-        step = max(32, (1 << 24) // max(k, 1) // 32 * 32)  # whole 32-row groups per chunk
+        step = max(64, (1 << 24) // max(k, 1) // 64 * 64)  # whole pairs of 32-row groups per chunk
         packed = torch.cat([L.pack(torch.randint(-1, 2, (min(step, n - r), k), generator=gen, dtype=torch.int8))
                             for r in range(0, n, step)])
         return TernaryWeight(packed, torch.tensor(0.05), n, k, layout)

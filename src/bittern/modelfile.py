@@ -3,7 +3,7 @@
 ``config.json``::
 
     {"format": "bittern-packed", "format_version": 1,
-     "model": {...ModelConfig...}, "layout": "2bit", "dtype": "float16",
+     "model": {...ModelConfig...}, "layout": "2bit", "layout_revision": 1, "dtype": "float16",
      "tokenizer": "tokenizer.json" | null, "meta": {...free-form provenance...}}
 
 ``model.safetensors`` holds, for every ternary linear layer ``L``, ``L.weight_packed`` (uint8, in
@@ -35,6 +35,15 @@ from .pack import TernaryWeight, get_layout
 
 FORMAT = "bittern-packed"
 FORMAT_VERSION = 1
+# Packed layouts whose byte order changed since format_version 1: a file records the revision of its
+# layout (``layout_revision``, 1 when absent). 1.67bit-lut revision 2 (bittern session 6) stores full
+# 32-row groups in interleaved pairs, which revision-1 readers would misread.
+LAYOUT_REVISIONS = {"1.67bit-lut": 2}
+
+
+def layout_revision(layout: str) -> int:
+    """The revision of ``layout`` this version of bittern writes and reads."""
+    return LAYOUT_REVISIONS.get(layout, 1)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -170,7 +179,8 @@ def save_packed(model: Transformer, directory: str | os.PathLike, layout: str = 
         float_params[name] = p
     tensors.update(float_params)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-              "layout": layout, "dtype": dtype, "tokenizer": None, "meta": meta or {}}
+              "layout": layout, "layout_revision": layout_revision(layout), "dtype": dtype, "tokenizer": None,
+              "meta": meta or {}}
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
@@ -199,6 +209,11 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a bittern packed model (format {config.get('format') if isinstance(config, dict) else None!r})")
     if config.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: format_version {config.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    layout = config.get("layout", "2bit")
+    revision = config.get("layout_revision", 1)
+    if isinstance(layout, str) and revision != layout_revision(layout):
+        raise ModelFileError(f"{path}: its {layout} weights are in revision {revision!r} of that layout; this bittern "
+                             f"reads revision {layout_revision(layout)} (re-create or re-convert the model)")
     try:
         config["model"] = ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:

@@ -272,6 +272,10 @@ LAYOUTS["1.6bit-r4"] = Layout("1.6bit-r4", 1.6, pack_1p6bit_r4, unpack_1p6bit_r4
 #       of row r in the low nibble, triple 2k + 1 in the high nibble), then eight 4-byte sign words (word
 #       j: the sign of triple j of row r is bit r // 4 of byte r % 4); after all blocks, the 32 rows'
 #       counts of negated triples as little-endian int16;
+#   full groups 2p and 2p + 1 (layout revision 2) share one 64-row region with their blocks interleaved:
+#       block 0 of group 2p, block 0 of group 2p + 1, block 1 of group 2p, ..., then the counts of group
+#       2p and of group 2p + 1 (the GEMV reads both groups as one sequential stream); a last full group
+#       without a partner is stored alone as above;
 #   last group (out % 32 rows), row after row: per block 4 index bytes and 1 sign byte (bit j: triple j),
 #       then the row's int16 count.
 #
@@ -308,7 +312,13 @@ def pack_1p67bit_lut(codes: torch.Tensor) -> torch.Tensor:
         gs = neg[:full].reshape(G, 8, 4, nb, 8).permute(0, 3, 4, 2, 1).to(torch.int32)  # [G, nb, j, byte, bit]
         sbytes = (gs << torch.arange(8, dtype=torch.int32)).sum(-1).reshape(G, nb, 32)
         blocks = torch.cat([ivec, sbytes], dim=2).reshape(G, nb * 160)
-        parts.append(torch.cat([blocks, count_bytes[:full].reshape(G, 64)], dim=1).reshape(-1))
+        counts = count_bytes[:full].reshape(G, 64)
+        P = G // 2  # pairs of groups: blocks interleaved, then both groups' counts
+        if P:
+            pair_blocks = blocks[: 2 * P].reshape(P, 2, nb, 160).permute(0, 2, 1, 3).reshape(P, nb * 320)
+            parts.append(torch.cat([pair_blocks, counts[: 2 * P].reshape(P, 128)], dim=1).reshape(-1))
+        if G % 2:
+            parts.append(torch.cat([blocks[-1], counts[-1]]).reshape(-1))
     if out > full:
         ti = idx[full:].reshape(out - full, nb, 4, 2)
         ibytes = ti[..., 0] | (ti[..., 1] << 4)  # [m, nb, 4]
@@ -335,15 +345,21 @@ def unpack_1p67bit_lut(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     idx_parts, neg_parts, cnt_parts = [], [], []
     if full:
         G = full // LUT_ROWS
-        g = flat[: full * cols].reshape(G, full // G * cols)
-        blocks = g[:, : nb * 160].reshape(G, nb, 160)
+        P = G // 2
+        region = flat[: 2 * P * LUT_ROWS * cols].reshape(P, 2 * LUT_ROWS * cols)
+        blocks = region[:, : nb * 320].reshape(P, nb, 2, 160).permute(0, 2, 1, 3).reshape(2 * P, nb, 160)
+        counts = region[:, nb * 320 :].reshape(2 * P, 64)
+        if G % 2:  # a last full group without a partner
+            lone = flat[2 * P * LUT_ROWS * cols : full * cols].reshape(1, LUT_ROWS * cols)
+            blocks = torch.cat([blocks, lone[:, : nb * 160].reshape(1, nb, 160)])
+            counts = torch.cat([counts, lone[:, nb * 160 :]])
         iv = blocks[:, :, :128].reshape(G, nb, 4, 32)
         gi = torch.stack([iv & 15, iv >> 4], dim=3)  # [G, nb, k, half, r]
         idx_parts.append(gi.permute(0, 4, 1, 2, 3).reshape(full, nb, 8))
         sb = blocks[:, :, 128:].reshape(G, nb, 8, 4)  # [G, nb, j, byte]
         bits = (sb.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1  # [G, nb, j, byte, bit]
         neg_parts.append(bits.permute(0, 4, 3, 1, 2).reshape(full, nb, 8))  # row = 4 * bit + byte
-        cb = g[:, nb * 160:].reshape(full, 2)
+        cb = counts.reshape(full, 2)
         cnt_parts.append(cb[:, 0] | (cb[:, 1] << 8))
     if out > full:
         rows = flat[full * cols:].reshape(out - full, cols)

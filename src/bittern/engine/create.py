@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..configs import ModelConfig
-from ..modelfile import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, atomic_write
+from ..modelfile import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, atomic_write, layout_revision
 from ..pack import get_layout
 
 _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8"}
@@ -57,8 +57,9 @@ def _chunks(name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: str, 
     if name.endswith("weight_packed"):
         out_f, in_f = _linear_shape(name, cfg)
         pack = get_layout(layout).pack
-        # chunks of whole 32-row groups (the r4 layouts need 4, 1.67bit-lut 32), the remainder last
-        pool_rows = min(POOL_ROWS, out_f - out_f % 32) or out_f
+        # chunks of whole 64-row units (the r4 layouts need 4 rows, 1.67bit-lut pairs of 32-row groups, whose
+        # blocks are interleaved), the remainder last
+        pool_rows = min(POOL_ROWS, out_f - out_f % 64) or out_f
         pool = pack(torch.randint(-1, 2, (pool_rows, in_f), dtype=torch.int8, generator=g))
         done = 0
         while out_f - done >= pool_rows:
@@ -129,6 +130,6 @@ def create_random_model(directory: str | os.PathLike, config: ModelConfig, layou
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_FILE, write)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict(), "layout": layout,
-            "dtype": dtype, "tokenizer": None, "meta": {"random": True, "seed": seed, "created_by": "bittern model create"}}
+            "layout_revision": layout_revision(layout), "dtype": dtype, "tokenizer": None, "meta": {"random": True, "seed": seed, "created_by": "bittern model create"}}
     atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return directory

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..model import Transformer
-from ..modelfile import CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write
+from ..modelfile import CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, layout_revision
 from ..pack import get_layout
 from .assemble import TensorSource, as_source, linear_names
 from .safetensors_io import TensorSpec, default_permissions, write_safetensors_streaming
@@ -47,7 +47,8 @@ def save_packed_streaming(model: Transformer | TensorSource, directory: str | os
     for name, shape in source.float_shapes().items():  # converted to tdtype piecewise as they are written
         specs.append(TensorSpec(name, tdtype, shape, lambda name=name: source.floats(name)))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-              "layout": layout, "dtype": dtype, "tokenizer": None, "meta": meta or {}}
+              "layout": layout, "layout_revision": layout_revision(layout), "dtype": dtype, "tokenizer": None,
+              "meta": meta or {}}
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors_streaming(directory / WEIGHTS_FILE, specs, {"format": FORMAT})
     if tokenizer_dir is not None:

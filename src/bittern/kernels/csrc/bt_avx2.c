@@ -443,17 +443,16 @@ AVX2 static void lut_tables_avx2(const int8_t *q, int64_t Kp, uint8_t *tab) {
         O = _mm256_add_epi16(O, _mm256_add_epi16(_mm256_unpackhi_epi8(l0, h0), _mm256_unpackhi_epi8(l1, h1)));  \
     }
 
-/* Two full groups at once (two weight streams): each table vector is loaded once for 64 rows (measured
- * on one core: ~16 instead of ~13-14 GB/s from L2). two = 0: group a alone (the callers pass a constant,
- * so each form is compiled without the other's work). From DRAM the second stream costs more than the
- * table loads it saves (one group at a time: 3-5% faster on one thread, 2B4T gate/up and k/v shapes
- * from DRAM, seven same-process A/B runs; about level on two threads), so matrices larger than
- * BT_LUT_PAIR_MAX_BYTES, which decoding streams from memory, take one group at a time. */
-#ifndef BT_LUT_PAIR_MAX_BYTES
-#define BT_LUT_PAIR_MAX_BYTES (256 * 1024)
-#endif
-AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t nb, const uint8_t *tab, int32_t outa[32],
-                                 int32_t outb[32], const int two) {
+/* Two full groups at once: each table vector is loaded once for 64 rows (measured on one core: ~16
+ * instead of ~13-14 GB/s from L2). Their blocks are interleaved in memory (pa and pb = pa + 160 advance by
+ * stride = 320), so the pair is one sequential stream: with the groups in separate regions (two streams)
+ * the pair ran 3-5% slower from DRAM than one group at a time; interleaved it is 4-7% faster than one
+ * group at a time on one and two threads (same-process A/B runs, 2B4T gate/up shape from DRAM) and as
+ * fast as before from L2. ca, cb: the groups' int16 counts. two = 0: group a alone (the callers pass a
+ * constant, so each form is compiled without the other's work). */
+AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t stride, const uint8_t *ca,
+                                 const uint8_t *cb, int64_t nb, const uint8_t *tab, int32_t outa[32], int32_t outb[32],
+                                 const int two) {
     const __m256i m15 = _mm256_set1_epi8(15);
     const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
                                           32, 64, 64, 64, 64, -128, -128, -128, -128);
@@ -484,8 +483,8 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t n
                 LUT_ONE(pa, Ea, Oa)
                 if (two) LUT_ONE(pb, Eb, Ob)
             }
-            pa += 160;
-            pb += 160;
+            pa += stride;
+            pb += stride;
         }
         sa[0] = _mm256_add_epi32(sa[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(Ea)));
         sa[1] = _mm256_add_epi32(sa[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(Oa)));
@@ -498,10 +497,10 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t n
     }
     for (int i = 0; i < 4; i++) {
         _mm256_storeu_si256((__m256i *)(outa + 8 * i),
-                            _mm256_add_epi32(sa[i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(pa + 16 * i)))));
+                            _mm256_add_epi32(sa[i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(ca + 16 * i)))));
         if (two)
             _mm256_storeu_si256((__m256i *)(outb + 8 * i),
-                                _mm256_add_epi32(sb[i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(pb + 16 * i)))));
+                                _mm256_add_epi32(sb[i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(cb + 16 * i)))));
     }
 }
 
@@ -575,18 +574,18 @@ AVX2 static void gemv_lut_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
     const int64_t nb = a->Kp / BT_BLOCK_LUT, full = a->N / BT_LUT_ROWS;
     const size_t per = (size_t)(a->Kp / 3) * 32;
     int32_t acc[BT_LUT_ROWS], acc2[BT_LUT_ROWS];
-    const int pair = a->N * a->row_bytes <= BT_LUT_PAIR_MAX_BYTES;
     for (int64_t g = row0 / BT_LUT_ROWS; g * BT_LUT_ROWS < row1; g++) {
         const int64_t n0 = g * BT_LUT_ROWS;
         if (g < full) {
-            /* the next group is ours too, and the matrix is small enough to be cache-resident */
-            const int two = pair && g + 1 < full && (g + 1) * BT_LUT_ROWS < row1;
-            const uint8_t *pa = bt_lut_group_ptr(a, g), *pb = two ? bt_lut_group_ptr(a, g + 1) : pa;
+            /* g and g + 1 share a region (g even, both full) and g + 1 is ours too: one interleaved stream */
+            const uint8_t *pa = bt_lut_block0(a, g), *ca = bt_lut_counts(a, g);
+            const int64_t stride = bt_lut_block_stride(a, g);
+            const int two = !(g & 1) && stride == 320 && (g + 1) * BT_LUT_ROWS < row1;
             for (int64_t t = 0; t < a->T; t++) {
                 if (two)
-                    gemv_lut_group2(pa, pb, nb, a->lut + per * (size_t)t, acc, acc2, 1);
+                    gemv_lut_group2(pa, pa + 160, stride, ca, ca + 64, nb, a->lut + per * (size_t)t, acc, acc2, 1);
                 else
-                    gemv_lut_group2(pa, pa, nb, a->lut + per * (size_t)t, acc, acc2, 0);
+                    gemv_lut_group2(pa, pa, stride, ca, ca, nb, a->lut + per * (size_t)t, acc, acc2, 0);
                 for (int r = 0; r < BT_LUT_ROWS; r++) bt_store(a, t, n0 + r, acc[r] + a->rowsum[t]);
                 if (two)
                     for (int r = 0; r < BT_LUT_ROWS; r++) bt_store(a, t, n0 + BT_LUT_ROWS + r, acc2[r] + a->rowsum[t]);

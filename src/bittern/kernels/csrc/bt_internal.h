@@ -101,6 +101,11 @@ extern const bt_kernels bt_kernels_neon;
 /* ---- 1.67bit-lut (bt_lut.c) ---- */
 int64_t bt_lut_row_bytes(int64_t Kp);
 const uint8_t *bt_lut_group_ptr(const bt_mm *a, int64_t g);
+/* Full group g (g < N / 32): block b at bt_lut_block0(a, g) + b * bt_lut_block_stride(a, g) (groups 2p and
+ * 2p + 1 interleave their blocks), the 32 int16 counts at bt_lut_counts(a, g). */
+const uint8_t *bt_lut_block0(const bt_mm *a, int64_t g);
+int64_t bt_lut_block_stride(const bt_mm *a, int64_t g);
+const uint8_t *bt_lut_counts(const bt_mm *a, int64_t g);
 int32_t bt_lut_neg_count(const bt_mm *a, int64_t n);
 int32_t bt_lut_dot_row(const bt_mm *a, int64_t n, const int8_t *q);
 void bt_lut_gemv_scalar(const bt_mm *a, int64_t row0, int64_t row1);

@@ -8,7 +8,9 @@
  *   full group (32 rows): per 24-column block, 160 bytes: four 32-byte index vectors (vector k, byte r:
  *     idx of triple 2k of row r in the low nibble, triple 2k+1 in the high nibble) then eight 32-bit
  *     sign words (word j: the sign of triple j of row r is bit (r >> 2) of byte (r & 3)); after all
- *     blocks, 32 int16 (little-endian) per-row counts of negated triples.
+ *     blocks, 32 int16 (little-endian) per-row counts of negated triples. Full groups 2p and 2p+1 share
+ *     their 64 rows' bytes: blocks interleaved (block b of 2p, block b of 2p+1, ...), then the counts of
+ *     2p and of 2p+1, so the GEMV reads the pair as one stream; an unpaired last full group is alone.
  *   last group (N mod 32 rows): row after row, per block 4 index bytes (byte k as above for one row)
  *     and 1 sign byte (bit j: triple j), then the row's int16 count of negated triples.
  * The SIMD GEMV looks up per-triple tables of the 14 partial sums of the activations (int16 split into
@@ -26,13 +28,28 @@ int64_t bt_lut_row_bytes(int64_t Kp) { return 5 * Kp / 24 + 2; }
 
 const uint8_t *bt_lut_group_ptr(const bt_mm *a, int64_t g) { return a->w + g * BT_LUT_ROWS * a->row_bytes; }
 
+/* full groups 2p and 2p + 1 share one region (all but a last full group of odd index) */
+static inline int lut_paired(const bt_mm *a, int64_t g) { return g < a->N / BT_LUT_ROWS / 2 * 2; }
+
+const uint8_t *bt_lut_block0(const bt_mm *a, int64_t g) {
+    return lut_paired(a, g) ? bt_lut_group_ptr(a, g & ~(int64_t)1) + 160 * (g & 1) : bt_lut_group_ptr(a, g);
+}
+
+int64_t bt_lut_block_stride(const bt_mm *a, int64_t g) { return lut_paired(a, g) ? 320 : 160; }
+
+const uint8_t *bt_lut_counts(const bt_mm *a, int64_t g) {
+    const int64_t nb = a->Kp / BT_BLOCK_LUT;
+    return lut_paired(a, g) ? bt_lut_group_ptr(a, g & ~(int64_t)1) + 320 * nb + 64 * (g & 1)
+                            : bt_lut_group_ptr(a, g) + 160 * nb;
+}
+
 /* (index, sign) of triple j of row n */
 static inline void lut_triple(const bt_mm *a, int64_t n, int64_t j, int *idx, int *neg) {
     const int64_t g = n / BT_LUT_ROWS, r = n % BT_LUT_ROWS, b = j / 8, jj = j % 8;
     const int64_t full = a->N / BT_LUT_ROWS;
     const uint8_t *p = bt_lut_group_ptr(a, g);
     if (g < full) {
-        const uint8_t *blk = p + 160 * b;
+        const uint8_t *blk = bt_lut_block0(a, g) + bt_lut_block_stride(a, g) * b;
         *idx = (blk[32 * (jj / 2) + r] >> (4 * (jj & 1))) & 15;
         *neg = (blk[128 + 4 * jj + (r & 3)] >> (r >> 2)) & 1;
     } else {
@@ -85,7 +102,7 @@ static inline void decode_row_block(uint32_t u, unsigned s, uint8_t out[32]) {
 int32_t bt_lut_neg_count(const bt_mm *a, int64_t n) {
     const int64_t g = n / BT_LUT_ROWS, r = n % BT_LUT_ROWS, nb = a->Kp / 24;
     const uint8_t *p = bt_lut_group_ptr(a, g);
-    const uint8_t *c = g < a->N / BT_LUT_ROWS ? p + 160 * nb + 2 * r : p + r * a->row_bytes + 5 * nb;
+    const uint8_t *c = g < a->N / BT_LUT_ROWS ? bt_lut_counts(a, g) + 2 * r : p + r * a->row_bytes + 5 * nb;
     return (int16_t)(uint16_t)(c[0] | (c[1] << 8));
 }
 
@@ -142,7 +159,7 @@ void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, in
         const int64_t rows_here = gend - n < nrows - r ? gend - n : nrows - r;
         const uint8_t *gp = bt_lut_group_ptr(a, g);
         for (int64_t b = 0; b < nb; b++) {
-            if (g < full) block(gp + 160 * b, tmp);
+            if (g < full) block(bt_lut_block0(a, g) + bt_lut_block_stride(a, g) * b, tmp);
             for (int64_t i = 0; i < rows_here; i++) {
                 const int64_t rr = n + i - g * BT_LUT_ROWS; /* row within the group */
                 const uint8_t *src = tmp + 32 * rr;
