@@ -323,12 +323,12 @@ static const uint8_t *lut_tables_for(const int8_t *q, int64_t ldq, int64_t T, in
 
 #define BT_STACK_T 64
 
-/* Checks the arguments of one product and fills j for mode 0 (auto), 1 (GEMV) or 2 (GEMM) on up to
- * nthreads threads; f (T floats) receives gamma / s[t] when y is given. Returns 0 or the error code of
+/* Checks the arguments of one product and fills j for mode 0 (auto), 1 (GEMV) or 2 (GEMM) on the
+ * library's threads; f (T floats) receives gamma / s[t] when y is given. Returns 0 or the error code of
  * bt_matmul_mode. j->chunk is the GEMV work item in groups (or the GEMM panel in groups). */
 static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q,
                       int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y,
-                      int32_t *yi, int64_t ldy, float *f, int nthreads) {
+                      int32_t *yi, int64_t ldy, float *f) {
     if (fmt != BT_FMT_2BIT_R4 && fmt != BT_FMT_1P6BIT_R4 && fmt != BT_FMT_1P67BIT_LUT) return -2;
     if (!w || !q || !rowsum || (!y && !yi) || (y && !s) || N <= 0 || K <= 0 || T < 0 || ldy < N) return -1;
     int64_t Kp = bt_padded_k(fmt, K);
@@ -359,7 +359,7 @@ static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N,
     j->mode = mode;
     j->group = mode == 1 && fmt == BT_FMT_1P67BIT_LUT ? BT_LUT_ROWS : BT_GROUP;
     j->ngroups = (N + j->group - 1) / j->group;
-    int n = nthreads;
+    int n = g_threads;
     if ((int64_t)n > j->ngroups) n = (int)j->ngroups;
     if (n < 1) n = 1;
     j->nthreads = n;
@@ -405,7 +405,7 @@ int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, co
         if (!f) return -4;
     }
     mm_job j;
-    int rc = mm_prepare(&j, mode, fmt, w, N, K, q, ldq, rowsum, s, T, gamma, y, yi, ldy, f, g_threads);
+    int rc = mm_prepare(&j, mode, fmt, w, N, K, q, ldq, rowsum, s, T, gamma, y, yi, ldy, f);
     if (!rc && T > 0) bt_parallel(j.mode == 1 ? gemv_task : gemm_task, &j, j.nthreads);
     if (f != fstack) free(f);
     if (rc) return rc;
@@ -452,10 +452,8 @@ int bt_matmul_many(int count, const int *fmt, const uint8_t *const *w, const int
     float f[BT_MANY_MAX][BT_STACK_T];
     int gemv = 1;
     for (int i = 0; i < count; i++) {
-        int rc = mm_prepare(&jobs[i], 0, fmt[i], w[i], N[i], K, q, ldq, rowsum, s, T, gamma[i], y[i], NULL, ldy[i], f[i],
-                            g_threads);
+        int rc = mm_prepare(&jobs[i], 0, fmt[i], w[i], N[i], K, q, ldq, rowsum, s, T, gamma[i], y[i], NULL, ldy[i], f[i]);
         if (rc) return rc;
-        if (!y[i]) return -1;
         gemv &= jobs[i].mode == 1;
     }
     if (T == 0) return 0;
