@@ -251,8 +251,8 @@ def test_products_bit_exact(isa, threads, layout):
 def test_products_bit_exact_larger(isa, layout):
     """Shapes spanning several GEMM panels, K chunks and token tiles (2B4T-like widths)."""
     gen = torch.Generator().manual_seed(11)
-    # (1, 2100, 2560), (1, 1030, 2560): over 256 KB in 1.67bit-lut, whose GEMV then takes one 32-row
-    # group at a time; (3, 640, 1280) and smaller: two groups per pass
+    # 1.67bit-lut group pairs: 1030 rows = 32 full groups (all paired) + 6; 2100 = 65 full groups (the
+    # last one unpaired) + 20; 300 = 9 full groups + 12
     shapes = [(1, 1030, 2560), (1, 2100, 2560), (3, 640, 1280), (37, 300, 2600), (130, 40, 6912), (6, 520, 3300)]
     _check_products(isa, [1, 2], layout, shapes, gen)
 

@@ -35,6 +35,9 @@ from .pack import TernaryWeight, get_layout
 
 FORMAT = "bittern-packed"
 FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 # Packed layouts whose byte order changed since format_version 1: a file records the revision of its
 # layout (``layout_revision``, 1 when absent). 1.67bit-lut revision 2 (bittern session 6) stores full
 # 32-row groups in interleaved pairs, which revision-1 readers would misread.
@@ -44,9 +47,8 @@ LAYOUT_REVISIONS = {"1.67bit-lut": 2}
 def layout_revision(layout: str) -> int:
     """The revision of ``layout`` this version of bittern writes and reads."""
     return LAYOUT_REVISIONS.get(layout, 1)
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+
+
 _MAX_HEADER = 100 * 1024 * 1024
 
 _DTYPES: dict[str, torch.dtype] = {
