@@ -275,7 +275,7 @@ static void gemm_task(void *ctx, int tid, int n) {
             /* the panel is Kd = Kp rounded up to 32 columns wide (the GEMM works in 32-column slices) */
             bt_mm m = j->m;
             m.Kp = j->panel_k;
-            bt_lut_decode(&j->m, p, np, D, j->panel_k, j->k->panel_pairs, j->k->lut_decode_block);
+            bt_lut_decode(&j->m, p, np, D, j->panel_k, j->k->panel_pairs, j->k);
             j->k->gemm_decoded(&m, p, np, D, 0, j->m.T);
         } else {
             j->k->decode(&j->m, p, np, D);

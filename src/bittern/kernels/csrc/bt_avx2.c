@@ -504,11 +504,10 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t s
     }
 }
 
-/* GEMM panel decode of one block of a full group (32 rows x 24 columns): the 24 column vectors (32 rows
- * each: digit c of triple j from a 16-entry table of the canonical codes, 2 - digit where the sign mask
- * is set) are transposed to rows by in-lane unpacks (bytes, words, dwords, qwords), which leave row r in
- * lane 0 and row r + 16 in lane 1. */
-AVX2 static void lut_decode_block_avx2(const uint8_t *blk, uint8_t *tmp) {
+/* GEMM panel decode of one block of a full group (32 rows x 24 columns), first step: the 24 column vectors
+ * (32 rows each: digit c of triple j from a 16-entry table of the canonical codes, 2 - digit where the
+ * sign mask is set). */
+AVX2_INLINE void lut_block_columns(const uint8_t *blk, __m256i V[24]) {
     const __m256i m15 = _mm256_set1_epi8(15), two = _mm256_set1_epi8(2);
     const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
                                           32, 64, 64, 64, 64, -128, -128, -128, -128);
@@ -519,7 +518,6 @@ AVX2 static void lut_decode_block_avx2(const uint8_t *blk, uint8_t *tmp) {
                                          2, 2, 2, 1, 1);
     const __m256i dt2 = _mm256_setr_epi8(1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 1, 1, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2,
                                          0, 1, 2, 1, 1);
-    __m256i V[32];
     const int32_t *sw = (const int32_t *)(const void *)(blk + 128);
     for (int k = 0; k < 4; k++) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(blk + 32 * k));
@@ -534,6 +532,13 @@ AVX2 static void lut_decode_block_avx2(const uint8_t *blk, uint8_t *tmp) {
             V[3 * j + 2] = _mm256_blendv_epi8(d2, _mm256_sub_epi8(two, d2), m);
         }
     }
+}
+
+/* One block to rows in tmp (row r at tmp + 32 r, 24 bytes): the column vectors are transposed by in-lane
+ * unpacks (bytes, words, dwords, qwords), which leave row r in lane 0 and row r + 16 in lane 1. */
+AVX2 static void lut_decode_block_avx2(const uint8_t *blk, uint8_t *tmp) {
+    __m256i V[32];
+    lut_block_columns(blk, V);
     for (int c = 24; c < 32; c++) V[c] = _mm256_setzero_si256();
     for (int set = 0; set < 2; set++) { /* columns 16 set .. 16 set + 15 */
         const __m256i *W = V + 16 * set;
@@ -595,6 +600,66 @@ AVX2 static void gemv_lut_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
         }
         for (int64_t t = 0; t < a->T; t++) /* the short last group: portable path */
             for (int64_t n = n0; n < a->N; n++) bt_store(a, t, n, bt_lut_dot_row(a, n, a->q + t * a->ldq) + a->rowsum[t]);
+    }
+}
+
+/* Rows ra, ra + 1 (lane 0: low and high 8 bytes of x) and ra + 16, ra + 17 (lane 1) of a group, one 8-byte
+ * piece each, to the pair-interleaved panel (ra even: the rows of a pair share a slice, the second at +32). */
+AVX2_INLINE void lut_put_pieces(__m256i x, uint8_t *dst, int64_t width, int ra, int64_t off) {
+    uint8_t *p = dst + (ra >> 1) * 2 * width + off, *p16 = p + 16 * width;
+    const __m128i lo = _mm256_castsi256_si128(x), hi = _mm256_extracti128_si256(x, 1);
+    _mm_storel_epi64((__m128i *)p, lo);
+    _mm_storeh_pd((double *)(void *)(p + 32), _mm_castsi128_pd(lo));
+    _mm_storel_epi64((__m128i *)p16, hi);
+    _mm_storeh_pd((double *)(void *)(p16 + 32), _mm_castsi128_pd(hi));
+}
+
+/* A full group's nb blocks (block b at blk + b * stride) straight into the pair-interleaved GEMM panel, the
+ * group's row 0 at dst (an even panel row): the transposes stop at 8-byte row pieces (dwords), stored where
+ * the panel wants them (piece c of block b holds columns 24 b + 8 c .. + 7, never across a 32-column
+ * slice), so no row copy is needed; columns 16-23 take a transpose of 8 columns only. */
+AVX2 static void lut_decode_group_avx2(const uint8_t *blk, int64_t stride, int64_t nb, uint8_t *dst, int64_t width) {
+    for (int64_t b = 0; b < nb; b++, blk += stride) {
+        __m256i V[24];
+        lut_block_columns(blk, V);
+        int64_t off[3];
+        for (int c = 0; c < 3; c++) {
+            const int64_t k = 24 * b + 8 * c;
+            off[c] = (k >> 5) * 64 + (k & 31);
+        }
+        { /* columns 0-15 */
+            __m256i S1[2][8], S2[4][4];
+            for (int i = 0; i < 8; i++) {
+                S1[0][i] = _mm256_unpacklo_epi8(V[2 * i], V[2 * i + 1]); /* rows 0-7, columns 2i, 2i+1 */
+                S1[1][i] = _mm256_unpackhi_epi8(V[2 * i], V[2 * i + 1]); /* rows 8-15 */
+            }
+            for (int h = 0; h < 2; h++)
+                for (int i = 0; i < 4; i++) { /* columns 4i .. 4i+3 */
+                    S2[2 * h][i] = _mm256_unpacklo_epi16(S1[h][2 * i], S1[h][2 * i + 1]);     /* rows 8h+0..3 */
+                    S2[2 * h + 1][i] = _mm256_unpackhi_epi16(S1[h][2 * i], S1[h][2 * i + 1]); /* rows 8h+4..7 */
+                }
+            for (int q = 0; q < 4; q++)
+                for (int i = 0; i < 2; i++) { /* columns 8i .. 8i+7 of rows 4q .. 4q+3 */
+                    lut_put_pieces(_mm256_unpacklo_epi32(S2[q][2 * i], S2[q][2 * i + 1]), dst, width, 4 * q, off[i]);
+                    lut_put_pieces(_mm256_unpackhi_epi32(S2[q][2 * i], S2[q][2 * i + 1]), dst, width, 4 * q + 2, off[i]);
+                }
+        }
+        { /* columns 16-23 */
+            __m256i S1[2][4], S2[4][2];
+            for (int i = 0; i < 4; i++) {
+                S1[0][i] = _mm256_unpacklo_epi8(V[16 + 2 * i], V[17 + 2 * i]);
+                S1[1][i] = _mm256_unpackhi_epi8(V[16 + 2 * i], V[17 + 2 * i]);
+            }
+            for (int h = 0; h < 2; h++)
+                for (int i = 0; i < 2; i++) {
+                    S2[2 * h][i] = _mm256_unpacklo_epi16(S1[h][2 * i], S1[h][2 * i + 1]);
+                    S2[2 * h + 1][i] = _mm256_unpackhi_epi16(S1[h][2 * i], S1[h][2 * i + 1]);
+                }
+            for (int q = 0; q < 4; q++) {
+                lut_put_pieces(_mm256_unpacklo_epi32(S2[q][0], S2[q][1]), dst, width, 4 * q, off[2]);
+                lut_put_pieces(_mm256_unpackhi_epi32(S2[q][0], S2[q][1]), dst, width, 4 * q + 2, off[2]);
+            }
+        }
     }
 }
 
@@ -962,7 +1027,7 @@ AVX2 static uint64_t stream_read_avx2(const uint8_t *p, int64_t n, int64_t prefe
 
 const bt_kernels bt_kernels_avx2 = {
     "avx2", quantize_row_avx2, gemv_avx2, decode_avx2, gemm_decoded_avx2, stream_read_avx2, gemv_lut_avx2,
-    lut_tables_avx2, 32, 1, lut_decode_block_avx2,
+    lut_tables_avx2, 32, 1, lut_decode_block_avx2, lut_decode_group_avx2,
 };
 
 #else

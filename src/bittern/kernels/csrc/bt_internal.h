@@ -86,6 +86,9 @@ typedef struct {
     int panel_pairs; /* gemm_decoded reads the pair-interleaved panel (see bt_lut_decode) */
     /* decodes one 160-byte block of a full 32-row group to codes + 1, row r at tmp + 32 r (NULL: portable) */
     void (*lut_decode_block)(const uint8_t *blk, uint8_t *tmp);
+    /* decodes all nb blocks of a full group (block b at blk + b * stride) into the pair-interleaved panel,
+     * the group's row 0 at dst (an even panel row), rows width bytes long (NULL: per block via tmp) */
+    void (*lut_decode_group)(const uint8_t *blk, int64_t stride, int64_t nb, uint8_t *dst, int64_t width);
 } bt_kernels;
 
 extern const bt_kernels bt_kernels_scalar;
@@ -109,10 +112,9 @@ const uint8_t *bt_lut_counts(const bt_mm *a, int64_t g);
 int32_t bt_lut_neg_count(const bt_mm *a, int64_t n);
 int32_t bt_lut_dot_row(const bt_mm *a, int64_t n, const int8_t *q);
 void bt_lut_gemv_scalar(const bt_mm *a, int64_t row0, int64_t row1);
-typedef void (*bt_lut_block_fn)(const uint8_t *blk, uint8_t *tmp);
 void bt_lut_decode_block(const uint8_t *blk, uint8_t *tmp);
 void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, int64_t width, int pairs,
-                   bt_lut_block_fn block);
+                   const bt_kernels *k);
 
 /* ---- thread pool ---- */
 typedef void (*bt_task_fn)(void *ctx, int tid, int nthreads);

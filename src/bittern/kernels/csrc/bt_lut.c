@@ -147,18 +147,23 @@ void bt_lut_decode_block(const uint8_t *blk, uint8_t *tmp) {
 
 /* Decoded rows of `width` bytes (codes + 1, zero codes after Kp), row-major, or (pairs) the AVX2 panel:
  * rows 2p and 2p+1 alternate 32-byte slices and a lone last row stands alone (see dslot in bt_avx2.c).
- * Full groups go through `block` (an ISA's block decoder, or the portable one), a block at a time. */
+ * A whole full group at an even panel row goes through k's group decoder when it has one; other full
+ * groups through its block decoder (or the portable one), a block at a time, and rows are copied out. */
 void bt_lut_decode(const bt_mm *a, int64_t row0, int64_t nrows, uint8_t *dst, int64_t width, int pairs,
-                   bt_lut_block_fn block) {
+                   const bt_kernels *k) {
     const int64_t nb = a->Kp / BT_BLOCK_LUT, full = a->N / BT_LUT_ROWS;
     uint8_t tmp[BT_LUT_ROWS * 32 + 8];
-    if (!block) block = bt_lut_decode_block;
+    void (*block)(const uint8_t *, uint8_t *) = k->lut_decode_block ? k->lut_decode_block : bt_lut_decode_block;
     for (int64_t r = 0; r < nrows;) {
         const int64_t n = row0 + r, g = n / BT_LUT_ROWS;
         const int64_t gend = g < full ? (g + 1) * BT_LUT_ROWS : a->N; /* rows of this group */
         const int64_t rows_here = gend - n < nrows - r ? gend - n : nrows - r;
         const uint8_t *gp = bt_lut_group_ptr(a, g);
-        for (int64_t b = 0; b < nb; b++) {
+        /* (a lone last panel row is never inside a whole group at an even row: 32 rows from r even end at
+         * an odd row) */
+        const int whole = pairs && k->lut_decode_group && g < full && rows_here == BT_LUT_ROWS && !(r & 1);
+        if (whole) k->lut_decode_group(bt_lut_block0(a, g), bt_lut_block_stride(a, g), nb, dst + r * width, width);
+        for (int64_t b = 0; b < nb && !whole; b++) {
             if (g < full) block(bt_lut_block0(a, g) + bt_lut_block_stride(a, g) * b, tmp);
             for (int64_t i = 0; i < rows_here; i++) {
                 const int64_t rr = n + i - g * BT_LUT_ROWS; /* row within the group */
