@@ -5,12 +5,16 @@ after a 64-token prompt, greedy), prefill tok/s (128 tokens), peak resident memo
 one decode step (ternary kernels, LM head, C glue, Python); the same shape in plain torch fp32 and
 bf16 (where it fits) as a baseline; and a 70B-shaped model opened memory-mapped. Every measurement
 runs in its own subprocess so peak RSS is its own. The CPU may be shared: each figure is the best of
-``--repeats`` runs and ratios are taken within one run of this script.
+``--repeats`` runs and ratios are taken within one run of this script. With ``--rounds N`` every engine
+configuration and llama.cpp are measured N times in turn (round-robin), so each one's samples spread
+over the whole run instead of one window of it; a figure is then the best over its rounds, and the
+table adds the median of the per-round decode ratios to llama.cpp (each taken within one round).
 
     python bench/e2e.py --workdir /tmp/bm --threads 1,2 --json bench/e2e.json
     python bench/e2e.py --big /tmp/bm/70b-1.6        # also the 70B-shaped run (make it with
                                                       # `bittern model create --config 70B --random DIR`)
     python bench/e2e.py --llama-cpp 2b4t-tq2_0.gguf   # also llama.cpp on a GGUF of the same shape, same run
+    python bench/e2e.py --llama-cpp 2b4t-tq2_0.gguf --rounds 3 --repeats 1   # interleaved rounds
 
 ``--llama-cpp`` times the llama.cpp inside an installed ``llama-cpp-python`` (nothing is built here). A
 2B4T-shaped TQ2_0 file with llama.cpp's own Q6_K head: write a random one with
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -281,6 +286,8 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="measure every engine configuration and llama.cpp this many "
+                    "times in turn (best per configuration; per-round ratios to llama.cpp in the JSON)")
     ap.add_argument("--torch", default="fp32,bf16", help="torch baselines to run ('' for none)")
     ap.add_argument("--torch-gen", type=int, default=8, help="tokens for the (slow) torch baselines")
     ap.add_argument("--big", action="append", default=[], help="a big model directory (70B / 100B shape) to open and run")
@@ -310,6 +317,9 @@ def main() -> int:
     results: dict = {"config": args.config, "llama_cpp_reference": LLAMA_CPP_REFERENCE, "engine": [], "torch": [], "big": [],
                      "llama_cpp": [], "load_avg_start": os.getloadavg()}
     threads = [int(t) for t in args.threads.split(",") if t]
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    engine_specs = []
     for layout in args.layouts.split(","):
         d = work / f"{args.config}-{layout}"
         if not (d / "config.json").is_file():
@@ -317,19 +327,30 @@ def main() -> int:
             create_random_model(d, get_config(args.config), layout=layout)
         for head in args.heads.split(","):
             for th in threads:
-                spec = {"model": str(d), "threads": th, "head": head, "kv": args.kv, "prompt": args.prompt, "gen": args.gen,
-                        "prefill": args.prefill, "repeats": args.repeats, "profile": True}
-                r = _sub("engine", spec)
-                r.update(layout=layout, head=head, threads=th)
-                results["engine"].append(r)
+                engine_specs.append(({"model": str(d), "threads": th, "head": head, "kv": args.kv, "prompt": args.prompt,
+                                      "gen": args.gen, "prefill": args.prefill, "repeats": args.repeats, "profile": True},
+                                     {"layout": layout, "head": head, "threads": th}))
+    lcpp_specs = [({"gguf": args.llama_cpp, "threads": th, "prompt": args.prompt, "gen": args.gen, "prefill": args.prefill,
+                    "repeats": args.repeats}, {"gguf": args.llama_cpp, "threads": th}) for th in threads] if args.llama_cpp else []
+    engine_rounds: list[list[dict]] = [[] for _ in engine_specs]
+    lcpp_rounds: list[list[dict]] = [[] for _ in lcpp_specs]
+    for rnd in range(args.rounds):
+        for specs, store, kind in ((engine_specs, engine_rounds, "engine"), (lcpp_specs, lcpp_rounds, "llamacpp")):
+            for (spec, tags), runs in zip(specs, store):
+                r = _sub(kind, spec)
+                r.update(tags, round=rnd)
+                runs.append(r)
                 print(json.dumps(r), file=sys.stderr)
-    if args.llama_cpp:
-        for th in threads:
-            r = _sub("llamacpp", {"gguf": args.llama_cpp, "threads": th, "prompt": args.prompt, "gen": args.gen,
-                                  "prefill": args.prefill, "repeats": args.repeats})
-            r.update(gguf=args.llama_cpp, threads=th)
-            results["llama_cpp"].append(r)
-            print(json.dumps(r), file=sys.stderr)
+    results["rounds"] = args.rounds
+    results["llama_cpp"] = [merge_rounds(runs) for runs in lcpp_rounds]
+    lcpp_round_by = {runs[0]["threads"]: runs for runs in lcpp_rounds}
+    for runs in engine_rounds:
+        r = merge_rounds(runs)
+        paired = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs, lcpp_round_by.get(r["threads"], []))
+                  if a.get("decode_tok_s") and b.get("decode_tok_s")]
+        if paired:
+            r["decode_vs_llama_cpp_rounds"] = paired
+        results["engine"].append(r)
     for dt in [t for t in args.torch.split(",") if t]:
         for th in threads:
             r = _sub("torch", {"config": args.config, "dtype": dt, "threads": th, "prompt": args.prompt,
@@ -351,6 +372,22 @@ def main() -> int:
     return 0
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One configuration's rounds as one result: the round with the best decode rate, with the best prefill
+    rate and the largest peak RSS over all rounds, and every round's rates under ``"rounds"``."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    best = dict(max(ok, key=lambda r: r.get("decode_tok_s", 0.0)))
+    if any("prefill_tok_s" in r for r in ok):
+        best["prefill_tok_s"] = max(r.get("prefill_tok_s", 0.0) for r in ok)
+    best["peak_rss"] = max(r.get("peak_rss", 0) for r in ok)
+    best["rounds"] = [{k: r.get(k) for k in ("decode_tok_s", "prefill_tok_s")} | ({"error": r["error"]} if "error" in r else {})
+                      for r in runs]
+    best.pop("round", None)
+    return best
+
+
 def format_table(results: dict) -> str:
     """A Markdown table of the results, with ratios to llama.cpp and the torch baselines of the same run."""
     torch_by = {(r["dtype"], r["threads"]): r.get("decode_tok_s") for r in results["torch"]}
@@ -358,6 +395,10 @@ def format_table(results: dict) -> str:
 
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}x" if a and b else "-"
+
+    def paired(r: dict) -> str:
+        ratios = r.get("decode_vs_llama_cpp_rounds", [])
+        return f" (median of rounds {statistics.median(ratios):.2f}x)" if len(ratios) > 1 else ""
 
     lines = ["| run | threads | decode tok/s | prefill tok/s | decode vs llama.cpp | prefill vs llama.cpp | vs torch fp32 | "
              "vs torch bf16 | peak RSS (GB) | file + KV (GB) | outside kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -369,7 +410,7 @@ def format_table(results: dict) -> str:
         dec, pf, th = r["decode_tok_s"], r.get("prefill_tok_s", 0.0), r["threads"]
         lc = lcpp_by.get(th, {})
         prof = r.get("profile", {})
-        lines.append(f"| {name} | {th} | {dec:.2f} | {pf:.2f} | {ratio(dec, lc.get('decode_tok_s'))} | "
+        lines.append(f"| {name} | {th} | {dec:.2f} | {pf:.2f} | {ratio(dec, lc.get('decode_tok_s'))}{paired(r)} | "
                      f"{ratio(pf, lc.get('prefill_tok_s'))} | {ratio(dec, torch_by.get(('fp32', th)))} | "
                      f"{ratio(dec, torch_by.get(('bf16', th)))} | {r['peak_rss'] / 1e9:.2f} | "
                      f"{(r['file_bytes'] + r['kv_bytes']) / 1e9:.2f} | "
