@@ -753,7 +753,8 @@ static const mk_fn MK_EDGE[3][5] = {{0, 0, 0, 0, 0},
                                     {0, mk_1_1, mk_1_2, mk_1_3, mk_1_4},
                                     {0, mk_2_1, mk_2_2, mk_2_3, 0}};
 
-/* The main microkernel: 2 rows x 4 tokens, 8 maddubs + 8 adds per 6 loads (32 columns).
+/* The main microkernel: 2 rows x 4 tokens, 8 maddubs + 8 adds per 6 loads (32 columns); out[2 t + r] is
+ * row r's sum for token t (the pair of a token is adjacent, as in the token-major accumulators).
  * GCC spills accumulators in the C version of the loop (kept below for other compilers), so with GNU C
  * it is assembly with fixed registers: ymm8-15 accumulate int16 sums, ymm4-7 hold the activations of the
  * 4 tokens and ymm0/1 the weights of the 2 rows for one 32-column slice. Every BT_WIDEN_SLICES slices the
@@ -843,14 +844,14 @@ __attribute__((noinline)) AVX2 static void mk_2_4(const uint8_t *D, const int8_t
             "jmp 6f\n\t"
             /* horizontal sums of the 8 vectors -> out[0..7] */
             "5:\n\t"
+            "vphaddd %%ymm12, %%ymm8, %%ymm8\n\t"
+            "vphaddd %%ymm13, %%ymm9, %%ymm9\n\t"
+            "vphaddd %%ymm14, %%ymm10, %%ymm10\n\t"
+            "vphaddd %%ymm15, %%ymm11, %%ymm11\n\t"
             "vphaddd %%ymm9, %%ymm8, %%ymm8\n\t"
             "vphaddd %%ymm11, %%ymm10, %%ymm10\n\t"
-            "vphaddd %%ymm13, %%ymm12, %%ymm12\n\t"
-            "vphaddd %%ymm15, %%ymm14, %%ymm14\n\t"
-            "vphaddd %%ymm10, %%ymm8, %%ymm8\n\t"
-            "vphaddd %%ymm14, %%ymm12, %%ymm12\n\t"
-            "vperm2i128 $0x20, %%ymm12, %%ymm8, %%ymm0\n\t"
-            "vperm2i128 $0x31, %%ymm12, %%ymm8, %%ymm1\n\t"
+            "vperm2i128 $0x20, %%ymm10, %%ymm8, %%ymm0\n\t"
+            "vperm2i128 $0x31, %%ymm10, %%ymm8, %%ymm1\n\t"
             "vpaddd %%ymm1, %%ymm0, %%ymm0\n\t"
             "vmovdqu %%ymm0, (%[out])\n\t"
             "6:\n\t"
@@ -897,8 +898,13 @@ AVX2 static void mk_2_4(const uint8_t *D, const int8_t *Q, int64_t ldq, int64_t 
         acc32[6] = _mm256_add_epi32(acc32[6], _mm256_madd_epi16(c12, ones));
         acc32[7] = _mm256_add_epi32(acc32[7], _mm256_madd_epi16(c13, ones));
     }
-    _mm_storeu_si128((__m128i *)out, hsum4(acc32[0], acc32[1], acc32[2], acc32[3]));
-    _mm_storeu_si128((__m128i *)(out + 4), hsum4(acc32[4], acc32[5], acc32[6], acc32[7]));
+    int32_t r0[4], r1[4];
+    _mm_storeu_si128((__m128i *)r0, hsum4(acc32[0], acc32[1], acc32[2], acc32[3]));
+    _mm_storeu_si128((__m128i *)r1, hsum4(acc32[4], acc32[5], acc32[6], acc32[7]));
+    for (int t = 0; t < 4; t++) {
+        out[2 * t] = r0[t];
+        out[2 * t + 1] = r1[t];
+    }
 }
 #endif
 
@@ -972,10 +978,18 @@ AVX2 static void gemm_decoded_avx2(const bt_mm *a, int64_t row0, int64_t nrows, 
             int32_t *At = acc + (t - t0) * nrows;
             for (int64_t p = 0; p < npairs; p++) {
                 const uint8_t *Dp = D + p * 2 * a->Kp + 64 * c0;
-                if (tn == MK_TN)
+                if (tn == MK_TN) { /* out: the two rows of token j at 2j, 2j + 1 */
                     mk_2_4(Dp, Qc, a->ldq, cn, out);
-                else
-                    MK_EDGE[2][tn](Dp, 32, 64, Qc, a->ldq, cn, out);
+                    if (first)
+                        for (int j = 0; j < MK_TN; j++) memcpy(At + j * nrows + 2 * p, out + 2 * j, 8);
+                    else
+                        for (int j = 0; j < MK_TN; j++) {
+                            At[j * nrows + 2 * p] += out[2 * j];
+                            At[j * nrows + 2 * p + 1] += out[2 * j + 1];
+                        }
+                    continue;
+                }
+                MK_EDGE[2][tn](Dp, 32, 64, Qc, a->ldq, cn, out); /* out[i * tn + j]: row i, token j */
                 for (int i = 0; i < 2; i++)
                     for (int j = 0; j < tn; j++) {
                         int32_t *A = At + j * nrows + 2 * p + i;
