@@ -52,6 +52,14 @@ def test_decode_steps_equal_reference(name: str, fast: bool) -> None:
         torch.testing.assert_close(logits[0], ref[p], atol=1e-4, rtol=1e-4)
 
 
+def _fast_model(model: Transformer, native_layer_loop: bool) -> EngineModel:
+    """An engine model on the C path (int8 head), with the one-call layer loop or the per-kernel Python one."""
+    em = EngineModel.from_transformer(model, head="int8")
+    assert em.use_fast_path
+    em.native_layer_loop = native_layer_loop
+    return em
+
+
 @pytest.mark.parametrize("kv", ["f16", "int8"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-2b4t"])
 def test_native_layer_loop_equals_python_loop(name: str, kv: str) -> None:
@@ -61,9 +69,7 @@ def test_native_layer_loop_equals_python_loop(name: str, kv: str) -> None:
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5)).tolist()
     outs = []
     for native_loop in (True, False):
-        em = EngineModel.from_transformer(model, head="int8")
-        assert em.use_fast_path
-        em.native_layer_loop = native_loop
+        em = _fast_model(model, native_loop)
         cache = em.new_cache(3, 32, kv)
         em.prefill(ids[0][:9], cache, slot=2)
         em.prefill(ids[1][:5], cache, slot=0)
@@ -71,6 +77,31 @@ def test_native_layer_loop_equals_python_loop(name: str, kv: str) -> None:
         assert (em._fast[2].c_plan is not None) == native_loop
         outs.append(torch.stack(steps))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("kv", ["f16", "int8"])
+def test_batched_attention_equals_row_by_row(kv: str) -> None:
+    """The C layer loop attends all rows of a prefill (and rows of one slot at rising positions) in one
+    pool dispatch; enough positions here to use both threads. Same bits as the per-row Python loop."""
+    from bittern.engine import set_threads
+    from bittern.kernels import native
+
+    model = _frozen("tiny-2b4t", seed=6)
+    ids = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(7)).tolist()
+    old = native.get_threads() if native.available() else 1
+    set_threads(2)
+    try:
+        outs = []
+        for native_loop in (True, False):
+            em = _fast_model(model, native_loop)
+            cache = em.new_cache(2, 96, kv)
+            full = em.prefill(ids[:60], cache, slot=1, all_logits=True).clone()
+            two = em.decode(ids[60:62], cache, [1, 1], [60, 61]).clone()  # one slot, rising positions
+            outs.append((full, two))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert outs[0][0].abs().max() > 0
+    finally:
+        set_threads(old)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-2b4t"])

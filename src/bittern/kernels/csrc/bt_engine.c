@@ -123,6 +123,59 @@ int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, c
  * decode: the layer loop (bittern.h documents the argument arrays)
  */
 
+/* Attention of all B rows of a layer in one pool dispatch (AVX2 path). rows[2b], rows[2b+1]: slot and
+ * position of row b; the layer's planes start at slot index plane0. Batched only when no row needs a
+ * position that a later row of its slot writes: one slot with rising positions (a prefill), or, for up
+ * to 64 rows, positions rising within every slot. Returns 0 when done, 1 when the caller must run the
+ * rows one by one, -1 on bad arguments. */
+static int attend_batched(float *qkv, int64_t ldqkv, int64_t B, const int64_t *rows, int64_t plane0, int64_t H, int64_t KVH,
+                          int64_t hd, const float *cos, const float *sin, char *kbase, char *vbase, char *ksbase,
+                          char *vsbase, int64_t plane, int64_t splane, int dt, int64_t max_len, float *out, int64_t ldout) {
+#ifdef BT_ENGINE_X86
+    if (B < 2 || !use_avx2()) return 1;
+    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || dt < 0 || dt > 3) return -1;
+    if (dt == BT_KV_I8 && (!ksbase || !vsbase)) return -1;
+    int one_slot = 1;
+    for (int64_t b = 0; b < B; b++) {
+        if (rows[2 * b + 1] < 0 || rows[2 * b + 1] >= max_len) return -1;
+        if (b && (rows[2 * b] != rows[0] || rows[2 * b + 1] <= rows[2 * b - 1])) one_slot = 0;
+    }
+    if (!one_slot) {
+        if (B > 64) return 1;
+        for (int64_t b = 1; b < B; b++)
+            for (int64_t c = 0; c < b; c++)
+                if (rows[2 * c] == rows[2 * b] && rows[2 * c + 1] >= rows[2 * b + 1]) return 1;
+    }
+    void **ptrs = (void **)malloc((size_t)B * 4 * sizeof(void *));
+    int64_t *pos = (int64_t *)malloc((size_t)B * sizeof(int64_t));
+    if (!ptrs || !pos) {
+        free(ptrs);
+        free(pos);
+        return 1;
+    }
+    void **kc = ptrs, **vc = ptrs + B;
+    float **ks = (float **)(ptrs + 2 * B), **vs = (float **)(ptrs + 3 * B);
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t pl = plane0 + rows[2 * b];
+        pos[b] = rows[2 * b + 1];
+        kc[b] = kbase + pl * plane;
+        vc[b] = vbase + pl * plane;
+        ks[b] = ksbase ? (float *)(void *)(ksbase + pl * splane) : NULL;
+        vs[b] = vsbase ? (float *)(void *)(vsbase + pl * splane) : NULL;
+    }
+    const int rc = attend_rows_avx2(qkv, ldqkv, B, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, ldout);
+    free(ptrs);
+    free(pos);
+    return rc ? 1 : 0;
+#else
+    BT_UNUSED(qkv); BT_UNUSED(ldqkv); BT_UNUSED(B); BT_UNUSED(rows); BT_UNUSED(plane0); BT_UNUSED(H); BT_UNUSED(KVH);
+    BT_UNUSED(hd); BT_UNUSED(cos); BT_UNUSED(sin); BT_UNUSED(kbase); BT_UNUSED(vbase); BT_UNUSED(ksbase);
+    BT_UNUSED(vsbase); BT_UNUSED(plane); BT_UNUSED(splane); BT_UNUSED(dt); BT_UNUSED(max_len); BT_UNUSED(out);
+    BT_UNUSED(ldout);
+    return 1;
+#endif
+}
+
 static inline float bits_to_float(int64_t v) {
     uint32_t u = (uint32_t)v;
     float f;
@@ -159,13 +212,17 @@ int bt_eng_decode_layers(const int64_t *bufs, const int64_t *plan, int64_t nlaye
             case 0:
                 rc = bt_eng_norm_quant(x, i ? down : NULL, attn_norm, eps, B, h, xn, qh, ldh, s, rs);
                 break;
-            case 1:
-                rc = 0;
-                for (int64_t b = 0; b < B && !rc; b++) {
-                    const int64_t slot = rows[2 * b], pos = rows[2 * b + 1], pl = i * bufs[BT_DEC_SLOTS] + slot;
-                    rc = bt_eng_attend(qkv + b * row_qkv, H, KVH, hd, pos, cos + pos * hd, sin + pos * hd, kbase + pl * plane,
-                                       vbase + pl * plane, ksbase ? P_(ksbase + pl * splane) : NULL,
-                                       vsbase ? P_(vsbase + pl * splane) : NULL, dt, max_len, attn + b * h, scores);
+            case 1: /* attention: all rows in one dispatch where that gives the same numbers, else row by row */
+                rc = attend_batched(qkv, row_qkv, B, rows, i * bufs[BT_DEC_SLOTS], H, KVH, hd, cos, sin, kbase, vbase, ksbase,
+                                    vsbase, plane, splane, dt, max_len, attn, h);
+                if (rc == 1) {
+                    rc = 0;
+                    for (int64_t b = 0; b < B && !rc; b++) {
+                        const int64_t slot = rows[2 * b], pos = rows[2 * b + 1], pl = i * bufs[BT_DEC_SLOTS] + slot;
+                        rc = bt_eng_attend(qkv + b * row_qkv, H, KVH, hd, pos, cos + pos * hd, sin + pos * hd,
+                                           kbase + pl * plane, vbase + pl * plane, ksbase ? P_(ksbase + pl * splane) : NULL,
+                                           vsbase ? P_(vsbase + pl * splane) : NULL, dt, max_len, attn + b * h, scores);
+                    }
                 }
                 if (!rc) rc = bt_eng_norm_quant(attn, NULL, attn_sub_norm, eps, B, h, NULL, qh, ldh, s, rs);
                 break;

@@ -398,6 +398,71 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
         attend_task(&J, 0, 1);
     BT_UNUSED(scores);
 }
+
+#define BT_ATTEND_ROWS_CHUNK 64
+
+typedef struct {
+    attend_job jobs[BT_ATTEND_ROWS_CHUNK]; /* one per row */
+    int64_t nrows, ntiles, S8max;
+    _Atomic int64_t next;
+} attend_rows_job;
+
+/* items (row, tile), the rows with the most positions first */
+static void attend_rows_task(void *ctx, int tid, int n) {
+    attend_rows_job *R = (attend_rows_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    float *P = attend_scores(R->S8max);
+    if (!P) return;
+    for (;;) {
+        const int64_t i = atomic_fetch_add(&R->next, 1);
+        if (i >= R->nrows * R->ntiles) break;
+        attend_tile_avx2(&R->jobs[R->nrows - 1 - i / R->ntiles], i % R->ntiles, P);
+    }
+}
+
+/* Rows b < B (query/key/value row b at qkv + b * ldqkv, its position pos[b], its slot's cache planes
+ * kc[b], vc[b], ks[b], vs[b], output at out + b * ldout): every row's keys and values are stored first,
+ * then all (row, tile) pairs of up to BT_ATTEND_ROWS_CHUNK rows go to the pool in one dispatch. The same
+ * numbers as attend() row after row, provided a row never needs a position that a later row of the
+ * same slot writes (positions rise within a slot: the caller checks). Returns 0, or -1 when the
+ * caller's per-row path must be used (head size not a multiple of 16, or out of memory). */
+GLUE_FN(int attend_rows)(float *qkv, int64_t ldqkv, int64_t B, int64_t H, int64_t KVH, int64_t hd, const int64_t *pos,
+                         const float *cos, const float *sin, void *const *kc, void *const *vc, float *const *ks,
+                         float *const *vs, int dt, int64_t max_len, float *out, int64_t ldout) {
+    if (hd % 16) return -1;
+    int64_t maxpos = 0;
+    for (int64_t b = 0; b < B; b++) maxpos = pos[b] > maxpos ? pos[b] : maxpos;
+    const int64_t S8max = (maxpos + 8) / 8 * 8;
+    if (!attend_scores(S8max)) return -1;
+    const int64_t rep = H / KVH, tpg = (rep + 3) / 4;
+    const int n = bt_get_threads();
+    for (int64_t b0 = 0; b0 < B; b0 += BT_ATTEND_ROWS_CHUNK) {
+        const int64_t nb = B - b0 < BT_ATTEND_ROWS_CHUNK ? B - b0 : BT_ATTEND_ROWS_CHUNK;
+        attend_rows_job R;
+        R.nrows = nb;
+        R.ntiles = KVH * tpg;
+        R.S8max = S8max;
+        int64_t work = 0;
+        for (int64_t i = 0; i < nb; i++) {
+            const int64_t b = b0 + i;
+            float *q = qkv + b * ldqkv;
+            rope_store_avx2(q, H, KVH, hd, pos[b], cos + pos[b] * hd, sin + pos[b] * hd, kc[b], vc[b], ks[b], vs[b], dt,
+                            max_len);
+            R.jobs[i] = (attend_job){.q = q, .kc = kc[b], .vc = vc[b], .ks = ks[b], .vs = vs[b], .dt = dt, .hd = hd,
+                                     .rep = rep, .S = pos[b] + 1, .max_len = max_len, .tiles_per_group = tpg,
+                                     .ntiles = KVH * tpg, .scale = 1.0f / sqrtf((float)hd), .out = out + b * ldout};
+            work += (pos[b] + 1) * H * hd;
+        }
+        atomic_store(&R.next, 0);
+        const int nt = (int64_t)n > nb * R.ntiles ? (int)(nb * R.ntiles) : n;
+        if (nt > 1 && work >= BT_ATTEND_PARALLEL_MIN)
+            bt_parallel(attend_rows_task, &R, nt);
+        else
+            attend_rows_task(&R, 0, 1);
+    }
+    return 0;
+}
 #endif
 
 #undef GLUE_FN
