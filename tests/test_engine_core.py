@@ -104,6 +104,37 @@ def test_batched_attention_equals_row_by_row(kv: str) -> None:
         set_threads(old)
 
 
+@pytest.mark.parametrize("act", [0, 1])  # SwiGLU, ReLU^2
+def test_many_row_activation_quantisation_same_on_any_threads(act: int) -> None:
+    """A prefill's activation + sub-norm + int8 quantisation runs its rows on the pool: the same bits
+    as on one thread, rows big enough to take the parallel path."""
+    from bittern.engine import set_threads
+    from bittern.engine.headkernel import load_head_kernel
+    from bittern.kernels import native
+
+    C = load_head_kernel()
+    if C is None:
+        pytest.skip("native library not built")
+    T, F = 48, 2000
+    gen = torch.Generator().manual_seed(8)
+    gu0 = torch.randn(T, 2 * F, generator=gen) * 3
+    w = torch.rand(F, generator=gen) + 0.5
+    old = native.get_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            set_threads(threads)
+            gu, q = gu0.clone(), torch.zeros(T, F, dtype=torch.int8)
+            s, rs = torch.empty(T), torch.empty(T, dtype=torch.int32)
+            assert C.act_quant(gu.data_ptr(), T, F, act, w.data_ptr(), 1e-5, q.data_ptr(), F, s.data_ptr(), rs.data_ptr()) == 0
+            outs.append((gu, q, s, rs))
+    finally:
+        set_threads(old)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+    assert outs[0][1].abs().amax(dim=1).eq(127).all() and torch.equal(outs[0][3], outs[0][1].sum(dim=1, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-2b4t"])
 def test_greedy_tokens_identical_to_reference(name: str) -> None:
     model = _frozen(name, seed=4)

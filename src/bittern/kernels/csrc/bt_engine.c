@@ -93,8 +93,51 @@ int bt_eng_norm_quant(float *x, const float *delta, const float *w, float eps, i
     return 0;
 }
 
+/* Rows of a many-row activation/quantisation (a prefill) on the pool: each row is computed alone, so
+ * the result does not depend on the threads. */
+typedef struct {
+    float *gu;
+    int64_t T, F, ldq;
+    int act, avx2;
+    const float *w;
+    float eps;
+    int8_t *q;
+    float *s;
+    int32_t *rowsum;
+    _Atomic int64_t next;
+} act_quant_job;
+
+static void act_quant_task(void *ctx, int tid, int n) {
+    act_quant_job *j = (act_quant_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    for (;;) {
+        const int64_t t = atomic_fetch_add(&j->next, 1);
+        if (t >= j->T) break;
+        float *g = j->gu + t * 2 * j->F;
+#ifdef BT_ENGINE_X86
+        if (j->avx2) {
+            act_quant_avx2(g, 1, j->F, j->act, j->w, j->eps, j->q + t * j->ldq, j->ldq, j->s + t, j->rowsum + t);
+            continue;
+        }
+#endif
+        act_quant_generic(g, 1, j->F, j->act, j->w, j->eps, j->q + t * j->ldq, j->ldq, j->s + t, j->rowsum + t);
+    }
+}
+
+#define BT_ACT_QUANT_PARALLEL_MIN 65536 /* rows x columns: below, one thread */
+
 int bt_eng_act_quant(float *gu, int64_t T, int64_t F, int act, const float *w, float eps, int8_t *q, int64_t ldq,
                      float *s, int32_t *rowsum) {
+    int n = bt_get_threads();
+    if ((int64_t)n > T) n = (int)T;
+    if (n > 1 && T * F >= BT_ACT_QUANT_PARALLEL_MIN) {
+        act_quant_job j = {.gu = gu, .T = T, .F = F, .ldq = ldq, .act = act, .avx2 = use_avx2(), .w = w, .eps = eps,
+                           .q = q, .s = s, .rowsum = rowsum};
+        atomic_store(&j.next, 0);
+        bt_parallel(act_quant_task, &j, n);
+        return 0;
+    }
 #ifdef BT_ENGINE_X86
     if (use_avx2()) {
         act_quant_avx2(gu, T, F, act, w, eps, q, ldq, s, rowsum);
