@@ -171,10 +171,10 @@ int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, c
  * position that a later row of its slot writes: one slot with rising positions (a prefill), or, for up
  * to 64 rows, positions rising within every slot. Returns 0 when done, 1 when the caller must run the
  * rows one by one, -1 on bad arguments. */
+#ifdef BT_ENGINE_X86
 static int attend_batched(float *qkv, int64_t ldqkv, int64_t B, const int64_t *rows, int64_t plane0, int64_t H, int64_t KVH,
                           int64_t hd, const float *cos, const float *sin, char *kbase, char *vbase, char *ksbase,
                           char *vsbase, int64_t plane, int64_t splane, int dt, int64_t max_len, float *out, int64_t ldout) {
-#ifdef BT_ENGINE_X86
     if (B < 2 || !use_avx2()) return 1;
     if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || dt < 0 || dt > 3) return -1;
     if (dt == BT_KV_I8 && (!ksbase || !vsbase)) return -1;
@@ -189,35 +189,12 @@ static int attend_batched(float *qkv, int64_t ldqkv, int64_t B, const int64_t *r
             for (int64_t c = 0; c < b; c++)
                 if (rows[2 * c] == rows[2 * b] && rows[2 * c + 1] >= rows[2 * b + 1]) return 1;
     }
-    void **ptrs = (void **)malloc((size_t)B * 4 * sizeof(void *));
-    int64_t *pos = (int64_t *)malloc((size_t)B * sizeof(int64_t));
-    if (!ptrs || !pos) {
-        free(ptrs);
-        free(pos);
-        return 1;
-    }
-    void **kc = ptrs, **vc = ptrs + B;
-    float **ks = (float **)(ptrs + 2 * B), **vs = (float **)(ptrs + 3 * B);
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t pl = plane0 + rows[2 * b];
-        pos[b] = rows[2 * b + 1];
-        kc[b] = kbase + pl * plane;
-        vc[b] = vbase + pl * plane;
-        ks[b] = ksbase ? (float *)(void *)(ksbase + pl * splane) : NULL;
-        vs[b] = vsbase ? (float *)(void *)(vsbase + pl * splane) : NULL;
-    }
-    const int rc = attend_rows_avx2(qkv, ldqkv, B, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, ldout);
-    free(ptrs);
-    free(pos);
-    return rc ? 1 : 0;
-#else
-    BT_UNUSED(qkv); BT_UNUSED(ldqkv); BT_UNUSED(B); BT_UNUSED(rows); BT_UNUSED(plane0); BT_UNUSED(H); BT_UNUSED(KVH);
-    BT_UNUSED(hd); BT_UNUSED(cos); BT_UNUSED(sin); BT_UNUSED(kbase); BT_UNUSED(vbase); BT_UNUSED(ksbase);
-    BT_UNUSED(vsbase); BT_UNUSED(plane); BT_UNUSED(splane); BT_UNUSED(dt); BT_UNUSED(max_len); BT_UNUSED(out);
-    BT_UNUSED(ldout);
-    return 1;
-#endif
+    return attend_rows_avx2(qkv, ldqkv, B, rows, plane0, H, KVH, hd, cos, sin, kbase, vbase, ksbase, vsbase, plane,
+                            splane, dt, max_len, out, ldout)
+               ? 1
+               : 0;
 }
+#endif
 
 static inline float bits_to_float(int64_t v) {
     uint32_t u = (uint32_t)v;
@@ -256,8 +233,12 @@ int bt_eng_decode_layers(const int64_t *bufs, const int64_t *plan, int64_t nlaye
                 rc = bt_eng_norm_quant(x, i ? down : NULL, attn_norm, eps, B, h, xn, qh, ldh, s, rs);
                 break;
             case 1: /* attention: all rows in one dispatch where that gives the same numbers, else row by row */
+#ifdef BT_ENGINE_X86
                 rc = attend_batched(qkv, row_qkv, B, rows, i * bufs[BT_DEC_SLOTS], H, KVH, hd, cos, sin, kbase, vbase, ksbase,
                                     vsbase, plane, splane, dt, max_len, attn, h);
+#else
+                rc = 1;
+#endif
                 if (rc == 1) {
                     rc = 0;
                     for (int64_t b = 0; b < B && !rc; b++) {

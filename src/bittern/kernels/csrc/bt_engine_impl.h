@@ -421,18 +421,20 @@ static void attend_rows_task(void *ctx, int tid, int n) {
     }
 }
 
-/* Rows b < B (query/key/value row b at qkv + b * ldqkv, its position pos[b], its slot's cache planes
- * kc[b], vc[b], ks[b], vs[b], output at out + b * ldout): every row's keys and values are stored first,
- * then all (row, tile) pairs of up to BT_ATTEND_ROWS_CHUNK rows go to the pool in one dispatch. The same
- * numbers as attend() row after row, provided a row never needs a position that a later row of the
- * same slot writes (positions rise within a slot: the caller checks). Returns 0, or -1 when the
+/* Rows b < B of a layer (query/key/value row b at qkv + b * ldqkv, output at out + b * ldout; rows[2b],
+ * rows[2b+1]: its slot and position; the slot's cache planes at kbase/vbase + (plane0 + slot) * plane and
+ * the int8 scales at ksbase/vsbase + (plane0 + slot) * splane): every row's keys and values are stored
+ * first, then all (row, tile) pairs of up to BT_ATTEND_ROWS_CHUNK rows go to the pool in one dispatch.
+ * The same numbers as attend() row after row, provided a row never needs a position that a later row of
+ * the same slot writes (positions rise within a slot: the caller checks). Returns 0, or -1 when the
  * caller's per-row path must be used (head size not a multiple of 16, or out of memory). */
-GLUE_FN(int attend_rows)(float *qkv, int64_t ldqkv, int64_t B, int64_t H, int64_t KVH, int64_t hd, const int64_t *pos,
-                         const float *cos, const float *sin, void *const *kc, void *const *vc, float *const *ks,
-                         float *const *vs, int dt, int64_t max_len, float *out, int64_t ldout) {
+GLUE_FN(int attend_rows)(float *qkv, int64_t ldqkv, int64_t B, const int64_t *rows, int64_t plane0, int64_t H,
+                         int64_t KVH, int64_t hd, const float *cos, const float *sin, char *kbase, char *vbase,
+                         char *ksbase, char *vsbase, int64_t plane, int64_t splane, int dt, int64_t max_len, float *out,
+                         int64_t ldout) {
     if (hd % 16) return -1;
     int64_t maxpos = 0;
-    for (int64_t b = 0; b < B; b++) maxpos = pos[b] > maxpos ? pos[b] : maxpos;
+    for (int64_t b = 0; b < B; b++) maxpos = rows[2 * b + 1] > maxpos ? rows[2 * b + 1] : maxpos;
     const int64_t S8max = (maxpos + 8) / 8 * 8;
     if (!attend_scores(S8max)) return -1;
     const int64_t rep = H / KVH, tpg = (rep + 3) / 4;
@@ -445,14 +447,16 @@ GLUE_FN(int attend_rows)(float *qkv, int64_t ldqkv, int64_t B, int64_t H, int64_
         R.S8max = S8max;
         int64_t work = 0;
         for (int64_t i = 0; i < nb; i++) {
-            const int64_t b = b0 + i;
+            const int64_t b = b0 + i, pos = rows[2 * b + 1], pl = plane0 + rows[2 * b];
             float *q = qkv + b * ldqkv;
-            rope_store_avx2(q, H, KVH, hd, pos[b], cos + pos[b] * hd, sin + pos[b] * hd, kc[b], vc[b], ks[b], vs[b], dt,
-                            max_len);
-            R.jobs[i] = (attend_job){.q = q, .kc = kc[b], .vc = vc[b], .ks = ks[b], .vs = vs[b], .dt = dt, .hd = hd,
-                                     .rep = rep, .S = pos[b] + 1, .max_len = max_len, .tiles_per_group = tpg,
-                                     .ntiles = KVH * tpg, .scale = 1.0f / sqrtf((float)hd), .out = out + b * ldout};
-            work += (pos[b] + 1) * H * hd;
+            void *kc = kbase + pl * plane, *vc = vbase + pl * plane;
+            float *ks = ksbase ? (float *)(void *)(ksbase + pl * splane) : NULL;
+            float *vs = vsbase ? (float *)(void *)(vsbase + pl * splane) : NULL;
+            rope_store_avx2(q, H, KVH, hd, pos, cos + pos * hd, sin + pos * hd, kc, vc, ks, vs, dt, max_len);
+            R.jobs[i] = (attend_job){.q = q, .kc = kc, .vc = vc, .ks = ks, .vs = vs, .dt = dt, .hd = hd, .rep = rep,
+                                     .S = pos + 1, .max_len = max_len, .tiles_per_group = tpg, .ntiles = KVH * tpg,
+                                     .scale = 1.0f / sqrtf((float)hd), .out = out + b * ldout};
+            work += (pos + 1) * H * hd;
         }
         atomic_store(&R.next, 0);
         const int nt = (int64_t)n > nb * R.ntiles ? (int)(nb * R.ntiles) : n;
