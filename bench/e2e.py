@@ -56,7 +56,8 @@ def _engine_run(spec: dict) -> dict:
     V = m.config.vocab_size
     g = torch.Generator().manual_seed(0)
     res: dict = {"open_s": open_s, "bytes_per_token": m.bytes_per_token, "file_bytes": m.source_bytes,
-                 "fast_path": m.use_fast_path}
+                 "fast_path": m.use_fast_path, "weights_mapped": m.weights_mapped,
+                 "weights_on_huge_pages": m.weights_on_huge_pages}
     reps = spec["repeats"]
     if spec.get("prefill"):
         best = 0.0

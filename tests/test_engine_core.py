@@ -210,3 +210,40 @@ def test_create_random_model_streams_a_loadable_file(tmp_path, layout: str) -> N
     # another seed gives other weights
     d2 = create_random_model(tmp_path / "r2", cfg, layout=layout, seed=4)
     assert not torch.equal(Engine(EngineModel.load(d2, head="f32")).logits(ids), out)
+
+
+@pytest.mark.parametrize("layout", ["2bit-r4", "1.67bit-lut"])
+def test_mapped_and_copied_weights_give_identical_logits(tmp_path, layout: str) -> None:
+    from bittern.hugepages import huge_pages_available
+
+    d = save_packed(_frozen("tiny-2b4t", seed=9), tmp_path / "m", layout=layout, dtype="float32")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    mapped = EngineModel.load(d, head="int6", mmap_weights=True)
+    copied = EngineModel.load(d, head="int6", mmap_weights=False)
+    assert mapped.weights_mapped and not mapped.weights_on_huge_pages
+    assert not copied.weights_mapped and copied.weights_on_huge_pages == huge_pages_available()
+    ref = Engine(mapped, kv_dtype="f32").logits(ids)
+    assert ref.std() > 0
+    assert torch.equal(Engine(copied, kv_dtype="f32").logits(ids), ref)
+    # the copies are not views of the file: every packed tensor of the copied model has its own bytes
+    ptrs_mapped = {w.packed.data_ptr() for L in mapped.layers for g in (L.qkv, L.o, L.gate_up, L.down) for w in g.weights}
+    ptrs_copied = {w.packed.data_ptr() for L in copied.layers for g in (L.qkv, L.o, L.gate_up, L.down) for w in g.weights}
+    assert len(ptrs_copied) == len(ptrs_mapped) == 7 * copied.config.num_layers and not ptrs_copied & ptrs_mapped
+    # the mapped model still reads its (released-and-re-read, in the copied model's case) file correctly
+    assert torch.equal(Engine(EngineModel.load(d, head="int6", mmap_weights=True), kv_dtype="f32").logits(ids), ref)
+
+
+def test_default_copies_weights_only_when_huge_pages_exist_and_memory_allows(monkeypatch) -> None:
+    from bittern.engine import model as engine_model
+
+    monkeypatch.setattr(engine_model, "mem_available_bytes", lambda: 10 << 30)
+    monkeypatch.setattr(engine_model, "huge_pages_available", lambda: True)
+    assert engine_model.keep_weights_mapped(1 << 30) is False  # 1 GB of 10 GB free: copied
+    assert engine_model.keep_weights_mapped(6 << 30) is True  # more than half of what is free: mapped
+    assert engine_model.keep_weights_mapped(1 << 30, mmap_weights=True) is True  # the caller decides
+    assert engine_model.keep_weights_mapped(6 << 30, mmap_weights=False) is False
+    monkeypatch.setattr(engine_model, "mem_available_bytes", lambda: None)
+    assert engine_model.keep_weights_mapped(1 << 20) is True  # free memory unknown: mapped
+    monkeypatch.setattr(engine_model, "mem_available_bytes", lambda: 10 << 30)
+    monkeypatch.setattr(engine_model, "huge_pages_available", lambda: False)
+    assert engine_model.keep_weights_mapped(1 << 20) is True  # no huge pages: nothing to gain from a copy

@@ -165,6 +165,9 @@ def test_cli_model_create_and_generate_ids(tmp_path, capsys) -> None:
     assert main(["generate", "--model", str(out_dir), "1,2,3", "--max-tokens", "5", "--head", "f32"]) == 0
     out, _ = capsys.readouterr()
     assert len(out.split()) == 5 and all(0 <= int(t) < 512 for t in out.split())
+    for flag in ("--mmap", "--no-mmap"):  # weights left in the file mapping or copied: the same greedy tokens
+        assert main(["generate", "--model", str(out_dir), "1,2,3", "--max-tokens", "5", "--head", "f32", flag]) == 0
+        assert capsys.readouterr()[0] == out
     assert main(["model", "create", "--config", "nope", "--random", str(tmp_path / "x")]) == 2
     assert "unknown config" in capsys.readouterr().err
 

@@ -28,12 +28,13 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .hugepages import HugePageArena, huge_pages_available
 from .kernels import native as nat
 from .pack import TernaryWeight, get_layout
 
@@ -133,6 +134,7 @@ def _bench_shape(
     cpu_clock: bool,
     gen: torch.Generator,
     log: Callable[[str], None],
+    huge_pages: bool = True,
 ) -> list[dict]:
     rows: list[dict] = []
     nat.set_threads(threads)
@@ -161,6 +163,10 @@ def _bench_shape(
         nbytes = w.packed.numel()
         nc = _copies_for(nbytes, min_bytes)
         copies = [w] + [random_packed(layout, n, k, gen) for _ in range(nc - 1)]
+        if huge_pages:  # where the engine keeps resident weights (bittern.hugepages)
+            arena = HugePageArena(HugePageArena.bytes_for([c.packed for c in copies]))
+            copies = [replace(c, packed=arena.copy(c.packed)) for c in copies]
+            w = copies[0]
         q, s, rs = nat.quantize_activations(x1)
         out = torch.empty(1, n)
         kern, plain, pref = [], [], []
@@ -266,11 +272,13 @@ def run_kernel_bench(
     json_path: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = print,
+    huge_pages: bool = True,
 ) -> dict:
     """Run the kernel benchmark; returns ``{"machine", "settings", "results"}`` (also written to ``json_path``).
 
     ``cpu_clock`` times with the calling thread's CPU clock instead of the wall clock (only meaningful
-    with one thread; it hides time the thread was descheduled on a shared machine).
+    with one thread; it hides time the thread was descheduled on a shared machine). ``huge_pages``:
+    packed weights live on transparent huge pages where the OS offers them, as in the engine.
     """
     if cpu_clock and any(t != 1 for t in threads):
         raise ValueError("cpu_clock only measures the calling thread: use it with threads=(1,)")
@@ -293,6 +301,7 @@ def run_kernel_bench(
         "torch": torch.__version__,
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python_gemv_call_overhead_s": python_call_overhead(),
+        "weight_pages": "2 MB (transparent huge pages)" if huge_pages and huge_pages_available() else "4 KB",
     }
     settings = {
         "models": list(models),
@@ -306,7 +315,7 @@ def run_kernel_bench(
     }
     say(
         f"# {machine['cpu']} ({machine['cpus']} CPUs), kernels: {machine['isa']}, threads: {machine['threading']}, "
-        f"clock: {settings['clock']}, load average {machine['loadavg']}"
+        f"clock: {settings['clock']}, weight pages: {machine['weight_pages']}, load average {machine['loadavg']}"
     )
     say("# GEMV: 1 token, weights rotate over copies > min_bytes (DRAM); roof = same-run streaming read of the")
     say("# same bytes (AVX2 loads, same threads); Gw/s = G weights per second (compares formats of different")
@@ -319,7 +328,8 @@ def run_kernel_bench(
             for m in models:
                 for layer, n, k in MODELS[m].layers():
                     results += _bench_shape(
-                        m, layer, n, k, th, formats, gemm_tokens, reps, min_bytes, with_torch, cpu_clock, gen, say
+                        m, layer, n, k, th, formats, gemm_tokens, reps, min_bytes, with_torch, cpu_clock, gen, say,
+                        huge_pages,
                     )
     finally:
         nat.set_threads(old_threads)
@@ -348,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip the torch F.linear comparison")
     p.add_argument("--cpu-clock", action="store_true", help="time with the thread CPU clock (1 thread only)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--small-pages", action="store_true",
+                   help="keep packed weights on ordinary 4 KB pages (default: transparent huge pages where available)")
     a = p.parse_args(argv)
     run_kernel_bench(
         models=[m for m in a.models.split(",") if m],
@@ -359,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with_torch=not a.no_torch,
         cpu_clock=a.cpu_clock,
         json_path=a.json,
+        huge_pages=not a.small_pages,
     )
     return 0
 

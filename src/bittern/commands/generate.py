@@ -15,6 +15,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default="auto", choices=["auto", "int8", "int6", "int5", "bf16", "f16", "f32"],
                    help="LM head / tied embedding precision in memory (default auto: int6 with per-row scales "
                         "when the hidden size is a multiple of 128, else int8)")
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="--mmap keeps the ternary weights in the file mapping; --no-mmap copies them into memory "
+                        "on huge pages (faster decode); default: copy when they take at most half the free memory")
     p.add_argument("--kv", default="f16", choices=["f16", "bf16", "f32", "int8"], help="KV-cache precision (default: f16)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 = greedy")
@@ -96,7 +99,8 @@ def _load(args: argparse.Namespace):
 
     if args.threads is not None and args.threads <= 0:
         raise UsageError("--threads must be a positive number")
-    return Engine.load(resolve_model(args.model), head=args.head, kv_dtype=args.kv, threads=args.threads)
+    return Engine.load(resolve_model(args.model), head=args.head, kv_dtype=args.kv, threads=args.threads,
+                       mmap_weights=args.mmap)
 
 
 def _report(engine) -> None:

@@ -136,15 +136,16 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, head: str = "auto", kv_dtype: str = "f16", threads: int | None = None,
-             backend: str | None = None) -> "Engine":
-        """Open a packed model directory (memory-mapped) with its tokenizer when it has one."""
+             backend: str | None = None, mmap_weights: bool | None = None) -> "Engine":
+        """Open a packed model directory with its tokenizer when it has one (``mmap_weights``: see
+        :meth:`EngineModel.load`)."""
         from pathlib import Path
 
         from ..modelfile import read_config
 
         if threads is not None:
             set_threads(threads)
-        model = EngineModel.load(path, head=head, backend=backend)
+        model = EngineModel.load(path, head=head, backend=backend, mmap_weights=mmap_weights)
         tokenizer = None
         meta = read_config(path)
         if meta.get("tokenizer"):

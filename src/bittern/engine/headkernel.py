@@ -22,6 +22,8 @@ import threading
 
 import torch
 
+from .. import hugepages
+
 HEAD_CODES = {"int8": 0, "int6": 1, "int5": 2}
 """Head formats of the C library and their ids (``BT_HEAD_I8``, ``BT_HEAD_I6``, ``BT_HEAD_I5``)."""
 _SRC_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -72,7 +74,7 @@ class HeadKernel:
             weight = weight.float().contiguous()
             release_source = False  # a private copy: nothing of the file mapping to drop
         rows, cols = weight.shape
-        codes = torch.empty(rows, self.row_bytes(fmt, cols), dtype=torch.uint8)
+        codes = hugepages.empty((rows, self.row_bytes(fmt, cols)), torch.uint8)  # read whole every token
         scales = torch.empty(rows, dtype=torch.float32)
         rc = self.lib.bt_head_quantize(weight.data_ptr(), _SRC_DTYPES[weight.dtype], rows, cols, HEAD_CODES[fmt],
                                        codes.data_ptr(), scales.data_ptr(), int(release_source))
