@@ -47,6 +47,19 @@ class ModelShape:
     hidden: int
     ffn: int
     kv: int | None  # rows of k_proj/v_proj when they differ from hidden (grouped-query attention)
+    num_layers: int = 0
+
+    def block_products(self) -> list[tuple[str, int, int]]:
+        """``(layer, out_features, in_features)`` of all seven linear products of one block."""
+        h, kv = self.hidden, self.kv or self.hidden
+        kv_name = "k/v" if kv != h else "q/o"
+        return [("q/o", h, h), (kv_name, kv, h), (kv_name, kv, h), ("q/o", h, h), ("gate/up", self.ffn, h),
+                ("gate/up", self.ffn, h), ("down", h, self.ffn)]
+
+    @property
+    def ternary_weights(self) -> int:
+        """Ternary weights of the whole model (what one token's forward pass multiplies)."""
+        return self.num_layers * sum(n * k for _, n, k in self.block_products())
 
     def layers(self) -> list[tuple[str, int, int]]:
         """``(layer, out_features, in_features)`` of the distinct linear shapes in a block."""
@@ -58,10 +71,10 @@ class ModelShape:
 
 
 MODELS: dict[str, ModelShape] = {
-    "2B4T": ModelShape("2B4T", 2560, 6912, 640),
-    "3B": ModelShape("3B", 3200, 8640, None),
-    "7B": ModelShape("7B", 4096, 11008, None),
-    "70B": ModelShape("70B", 8192, 28672, 1024),
+    "2B4T": ModelShape("2B4T", 2560, 6912, 640, 30),
+    "3B": ModelShape("3B", 3200, 8640, None, 26),
+    "7B": ModelShape("7B", 4096, 11008, None, 32),
+    "70B": ModelShape("70B", 8192, 28672, 1024, 80),
 }
 FORMATS = ("2bit-r4", "1.6bit-r4", "1.67bit-lut")
 
@@ -221,6 +234,48 @@ def _bench_shape(
     return rows
 
 
+_LLAMA_CPP_PROMPT = r"""
+import json, sys, time
+import llama_cpp
+spec = json.loads(sys.argv[1])
+llm = llama_cpp.Llama(model_path=spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                      n_ctx=spec["tokens"] + 8, n_batch=spec["tokens"], n_ubatch=spec["tokens"], verbose=False)
+best = 0.0
+for rep in range(spec["reps"]):
+    ids = [(7 * i + rep) % 1000 + 1 for i in range(spec["tokens"])]
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    best = max(best, spec["tokens"] / (time.perf_counter() - t))
+print(json.dumps({"prompt_tok_s": best, "version": llama_cpp.__version__}))
+"""
+
+
+def llama_cpp_prompt_rate(gguf: str, threads: int, tokens: int, reps: int, timeout: float = 1200) -> dict:
+    """llama.cpp's prompt speed (tokens/s, best of ``reps``) for a ``tokens``-token prompt on ``gguf``,
+    measured with the build inside the installed ``llama-cpp-python`` in a subprocess."""
+    import subprocess
+    import sys
+
+    spec = {"gguf": str(gguf), "threads": threads, "tokens": tokens, "reps": reps}
+    p = subprocess.run([sys.executable, "-c", _LLAMA_CPP_PROMPT, json.dumps(spec)], capture_output=True, text=True,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"llama.cpp prompt run failed: {(p.stderr or p.stdout).strip()[-400:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def block_gemm_rate(rows: list[dict], shape: ModelShape, layout: str, threads: int) -> float | None:
+    """G weight-MACs/s of one whole block's GEMMs (its seven products, each at its measured time)."""
+    t = {r["layer"]: r.get("gemm_s") for r in rows
+         if r["model"] == shape.name and r["format"] == layout and r["threads"] == threads}
+    products = shape.block_products()
+    if any(t.get(layer) is None for layer, _, _ in products):
+        return None
+    tokens = next(r["gemm_tokens"] for r in rows if r["model"] == shape.name and r.get("gemm_tokens"))
+    return sum(n * k for _, n, k in products) * tokens / sum(t[layer] for layer, _, _ in products) / 1e9
+
+
 _HEADER = (
     f"{'model':5s} {'layer':7s} {'N x K':>12s} {'fmt':11s} {'thr':>3s} | {'GEMV us':>8s} {'Gw/s':>6s} {'GB/s':>6s} "
     f"{'roof':>6s} {'%roof':>6s} {'x fp32':>7s} {'x bf16':>7s} | {'GEMM ms':>8s} {'GMAC/s':>7s} "
@@ -273,12 +328,16 @@ def run_kernel_bench(
     seed: int = 0,
     log: Callable[[str], None] | None = print,
     huge_pages: bool = True,
+    llama_cpp: str | None = None,
 ) -> dict:
     """Run the kernel benchmark; returns ``{"machine", "settings", "results"}`` (also written to ``json_path``).
 
     ``cpu_clock`` times with the calling thread's CPU clock instead of the wall clock (only meaningful
     with one thread; it hides time the thread was descheduled on a shared machine). ``huge_pages``:
     packed weights live on transparent huge pages where the OS offers them, as in the engine.
+    ``llama_cpp``: a GGUF of the first model's shape; llama.cpp's prompt speed on it (``gemm_tokens``
+    tokens) is measured before and after each thread count's shapes, and each format's whole-block
+    GEMM rate is reported against it in weight-MACs per second.
     """
     if cpu_clock and any(t != 1 for t in threads):
         raise ValueError("cpu_clock only measures the calling thread: use it with threads=(1,)")
@@ -321,20 +380,41 @@ def run_kernel_bench(
     say("# same bytes (AVX2 loads, same threads); Gw/s = G weights per second (compares formats of different")
     say("# sizes); x fp32/x bf16 = torch F.linear time / kernel time;")
     say(f"# GEMM: {gemm_tokens} tokens, GMAC/s = weights x tokens / s.")
+    if llama_cpp and not gemm_tokens:
+        raise ValueError("the llama.cpp comparison needs the GEMM measurement (gemm_tokens > 0)")
     say(_HEADER)
     results: list[dict] = []
+    comparisons: list[dict] = []
     try:
         for th in threads:
+            lcpp_runs = [llama_cpp_prompt_rate(llama_cpp, th, gemm_tokens, reps)] if llama_cpp else []
             for m in models:
                 for layer, n, k in MODELS[m].layers():
                     results += _bench_shape(
                         m, layer, n, k, th, formats, gemm_tokens, reps, min_bytes, with_torch, cpu_clock, gen, say,
                         huge_pages,
                     )
+            if llama_cpp:
+                lcpp_runs.append(llama_cpp_prompt_rate(llama_cpp, th, gemm_tokens, reps))
+                shape = MODELS[models[0]]
+                tok_s = max(r["prompt_tok_s"] for r in lcpp_runs)
+                lcpp_gmacs = tok_s * shape.ternary_weights / 1e9
+                for layout in formats:
+                    ours = block_gemm_rate(results, shape, layout, th)
+                    c = {"model": shape.name, "format": layout, "threads": th, "block_gemm_gmacs": ours,
+                         "llama_cpp_prompt_tok_s": tok_s, "llama_cpp_runs_tok_s": [r["prompt_tok_s"] for r in lcpp_runs],
+                         "llama_cpp_gmacs": lcpp_gmacs, "ratio": ours / lcpp_gmacs if ours else None,
+                         "llama_cpp_version": lcpp_runs[0].get("version")}
+                    comparisons.append(c)
+                    say(f"# {shape.name} {layout} {th} thr: whole-block GEMM {ours:.1f} GMAC/s = {c['ratio']:.2f}x "
+                        f"llama.cpp's prompt speed ({tok_s:.1f} tok/s x {shape.ternary_weights / 1e9:.2f} G weights "
+                        f"= {lcpp_gmacs:.1f} GMAC/s, best of its runs before and after)")
     finally:
         nat.set_threads(old_threads)
         torch.set_num_threads(old_torch_threads)
     report = {"machine": machine, "settings": settings, "results": results}
+    if llama_cpp:
+        report["llama_cpp"] = {"gguf": str(llama_cpp), "comparisons": comparisons}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -358,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip the torch F.linear comparison")
     p.add_argument("--cpu-clock", action="store_true", help="time with the thread CPU clock (1 thread only)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--llama-cpp", default=None, metavar="GGUF",
+                   help="also time llama.cpp's prompt speed on this GGUF (the first model's shape, e.g. TQ2_0) in "
+                        "the same run and compare the whole-block GEMM rate with it (needs llama-cpp-python)")
     p.add_argument("--small-pages", action="store_true",
                    help="keep packed weights on ordinary 4 KB pages (default: transparent huge pages where available)")
     a = p.parse_args(argv)
@@ -372,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_clock=a.cpu_clock,
         json_path=a.json,
         huge_pages=not a.small_pages,
+        llama_cpp=a.llama_cpp,
     )
     return 0
 

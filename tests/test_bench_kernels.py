@@ -1,0 +1,55 @@
+"""The kernel benchmark's driver on a small shape: table rows, JSON, the same-run llama.cpp comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bittern import bench_kernels as bk
+from bittern.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built")
+
+
+def test_block_gemm_rate_weighs_each_product_by_its_time() -> None:
+    shape = bk.ModelShape("s", 8, 16, 4, 3)
+    assert shape.ternary_weights == 3 * (2 * 8 * 8 + 2 * 4 * 8 + 2 * 16 * 8 + 8 * 16)
+    rows = [{"model": "s", "format": "2bit-r4", "threads": 1, "layer": layer, "gemm_s": t, "gemm_tokens": 10}
+            for layer, t in (("q/o", 1.0), ("k/v", 2.0), ("gate/up", 3.0), ("down", 4.0))]
+    # two q/o, two k/v, two gate/up and one down product per block
+    want = (2 * 64 + 2 * 32 + 2 * 128 + 128) * 10 / (2 * 1.0 + 2 * 2.0 + 2 * 3.0 + 4.0) / 1e9
+    assert bk.block_gemm_rate(rows, shape, "2bit-r4", 1) == pytest.approx(want)
+    assert bk.block_gemm_rate(rows, shape, "2bit-r4", 2) is None  # nothing measured at 2 threads
+    assert bk.block_gemm_rate(rows[:3], shape, "2bit-r4", 1) is None  # a product without a time
+
+
+def test_small_run_writes_rows_and_compares_with_llama_cpp(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(bk.MODELS, "mini", bk.ModelShape("mini", 256, 512, 64, 2))
+    calls = []
+
+    def fake_llama(gguf, threads, tokens, reps):
+        calls.append((gguf, threads, tokens))
+        return {"prompt_tok_s": 50.0 + len(calls), "version": "test"}
+
+    monkeypatch.setattr(bk, "llama_cpp_prompt_rate", fake_llama)
+    lines: list[str] = []
+    out = tmp_path / "k.json"
+    rep = bk.run_kernel_bench(models=["mini"], threads=[1], formats=["2bit-r4", "1.67bit-lut"], gemm_tokens=8, reps=1,
+                              min_bytes=2e5, with_torch=False, json_path=str(out), log=lines.append,
+                              llama_cpp="m.gguf")
+    assert calls == [("m.gguf", 1, 8), ("m.gguf", 1, 8)]  # before and after the shapes
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rep))
+    rows = rep["results"]
+    assert {(r["layer"], r["format"]) for r in rows} == {(layer, f) for layer in ("q/o", "k/v", "gate/up", "down")
+                                                         for f in ("2bit-r4", "1.67bit-lut")}
+    for r in rows:
+        assert r["gemv_s"] > 0 and r["roof_s"] > 0 and r["gemm_s"] > 0 and r["weight_copies"] >= 1
+    comps = rep["llama_cpp"]["comparisons"]
+    assert [c["format"] for c in comps] == ["2bit-r4", "1.67bit-lut"]
+    for c in comps:
+        assert c["llama_cpp_prompt_tok_s"] == 52.0  # the faster of its two runs
+        assert c["ratio"] == pytest.approx(c["block_gemm_gmacs"] / (52.0 * bk.MODELS["mini"].ternary_weights / 1e9))
+    assert any("llama.cpp's prompt speed" in line for line in lines)
+    with pytest.raises(ValueError, match="GEMM"):
+        bk.run_kernel_bench(models=["mini"], threads=[1], gemm_tokens=0, llama_cpp="m.gguf", log=None)
