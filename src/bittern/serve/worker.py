@@ -199,6 +199,10 @@ class GenerationWorker:
                 self._drop(job)
             with self._cond:
                 admit = [self._pending.popleft() for _ in range(min(self.engine.free_slots, len(self._pending)))]
+                # what submit() compares the queue with: the admitted jobs hold their slots from now on (it
+                # read a count from before they left the queue until this iteration ended, and let the
+                # queue overfill by up to the batch size)
+                self.free_slots = self.engine.free_slots - len(admit)
             for job in admit:
                 self._admit(job)
             self._expire()
