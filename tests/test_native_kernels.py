@@ -555,3 +555,50 @@ def test_portable_gemm_microkernel_matches_scalar(tmp_path):
     assert res.returncode == 0, res.stderr
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.split() == ["avx2", "equal"], res.stdout + res.stderr
+
+
+_SPIN_PROBE = r"""
+import os, time, torch
+from bittern.kernels import native as nat
+from bittern.pack import TernaryWeight
+
+def worker_cpu_s():
+    me = os.getpid()
+    total = 0
+    for tid in os.listdir(f"/proc/{me}/task"):
+        if int(tid) == me:
+            continue  # the calling thread sleeps below; the others are the pool's workers (and torch's)
+        f = open(f"/proc/{me}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(f[11]) + int(f[12])  # utime + stime, clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+nat.set_threads(2)
+torch.set_num_threads(1)
+w = TernaryWeight.from_codes(torch.randint(-1, 2, (256, 512)), torch.tensor(0.5), "2bit-r4")
+q, s, rs = nat.quantize_activations(torch.randn(1, 512))
+nat.matmul(q, s, rs, w)  # the worker now spins for BITTERN_SPIN_US
+if os.environ.get("RELEASE") == "1":
+    nat.release_cores()
+time.sleep(0.05)
+c0 = worker_cpu_s()
+time.sleep(0.6)
+print(worker_cpu_s() - c0)
+y = nat.matmul(q, s, rs, w)  # the pool still works after sleeping
+print(float(y.abs().sum()) > 0)
+"""
+
+
+@pytest.mark.skipif(not nat.available() or not Path("/proc/self/task").exists(), reason="needs the library and /proc")
+def test_release_cores_stops_the_spinning_workers() -> None:
+    if nat.threading_backend() != "pthread-pool":
+        pytest.skip("the OpenMP build has no spinning pool of its own")
+    used = {}
+    for release in ("0", "1"):
+        env = {**os.environ, "BITTERN_SPIN_US": "30000000", "RELEASE": release}  # spin 30 s unless released
+        out = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        cpu, works = out.stdout.split()
+        used[release] = float(cpu)
+        assert works == "True"
+    assert used["0"] > 0.25  # kept spinning through the 0.6 s sleep
+    assert used["1"] < 0.1  # asleep

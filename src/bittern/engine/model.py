@@ -421,9 +421,14 @@ class EngineModel:
         if last_only:
             last = (B - 1) * h * 4
             norm_quant(xp + last, downp + last, self.final_norm.data_ptr(), eps, 1, h, xnp + last, None, 0, None, None)
-            return self.head.logits(fb.xn[B - 1 :], fb.logits)
-        norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
-        return self.head.logits(fb.xn, fb.logits)
+            logits = self.head.logits(fb.xn[B - 1 :], fb.logits)
+        else:
+            norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
+            logits = self.head.logits(fb.xn, fb.logits)
+        # the caller samples with torch next: the kernel pool's workers sleep now instead of spinning on
+        # the cores torch's threads need (sampled decode on two threads: see docs/engine.md, session 8)
+        C.release_cores()
+        return logits
 
     @staticmethod
     def _c_plan(plan: list[tuple]) -> torch.Tensor | None:

@@ -60,7 +60,7 @@ import torch
 
 from ..pack import TernaryWeight, get_layout
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 FORMATS = {"2bit-r4": 0, "1.6bit-r4": 1, "1.67bit-lut": 2}
 """Native layouts and their format ids in the C API."""
 NATIVE_LAYOUT = {"2bit": "2bit-r4", "2bit-r4": "2bit-r4", "1.6bit": "1.6bit-r4", "1.6bit-r4": "1.6bit-r4",
@@ -108,6 +108,7 @@ def _load() -> ctypes.CDLL | None:
         "bt_isa_name": (ctypes.c_char_p, [i32]),
         "bt_set_threads": (i32, [i32]),
         "bt_get_threads": (i32, []),
+        "bt_release_cores": (None, []),
         "bt_padded_k": (i64, [i32, i64]),
         "bt_quantize": (i32, [vp, i32, i64, i64, i64, vp, i64, vp, vp]),
         "bt_matmul": (i32, [i32, vp, i64, i64, vp, i64, vp, vp, i64, f32, vp, vp, i64]),
@@ -163,6 +164,12 @@ def set_threads(n: int | None) -> int:
 def get_threads() -> int:
     """Threads used by every kernel call."""
     return int(_need().bt_get_threads())
+
+
+def release_cores() -> None:
+    """Let the pool's idle workers sleep now instead of spinning (~2 ms) for the next call: use before
+    other multithreaded work (torch) runs between kernel calls."""
+    _need().bt_release_cores()
 
 
 def isa() -> str:

@@ -55,6 +55,10 @@ BT_API const char *bt_isa_name(int isa);
 /* threads used by every call (caller included); 0 means "all online CPUs". Returns the new value. */
 BT_API int bt_set_threads(int n);
 BT_API int bt_get_threads(void);
+/* Idle pool workers stop spinning and sleep until the next product (they otherwise spin ~2 ms after
+ * each one, BITTERN_SPIN_US): call before other multithreaded work runs between kernel calls, e.g.
+ * torch's sampling after a decode step, so it gets the cores. */
+BT_API void bt_release_cores(void);
 
 /* Layout geometry: padded K (Kp) and bytes per row. */
 BT_API int64_t bt_padded_k(int fmt, int64_t K);

@@ -13,7 +13,7 @@
 #include <sys/auxv.h>
 #endif
 
-#define BT_ABI_VERSION 5
+#define BT_ABI_VERSION 6
 
 static const bt_kernels *g_kern = &bt_kernels_scalar;
 static int g_isa = BT_ISA_SCALAR;
@@ -122,6 +122,8 @@ int bt_set_threads(int n) {
 }
 
 int bt_get_threads(void) { return g_threads; }
+
+void bt_release_cores(void) { bt_pool_idle(); }
 
 const char *bt_threading_name(void) { return bt_pool_name(); }
 

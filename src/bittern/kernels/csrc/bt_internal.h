@@ -123,6 +123,7 @@ void bt_parallel(bt_task_fn fn, void *ctx, int n);
 int bt_online_cpus(void);
 const char *bt_pool_name(void);
 void bt_pool_resize(int n);
+void bt_pool_idle(void);
 
 /* ---- shared scalar helpers (bit-exact definitions) ---- */
 float bt_half_to_float(uint16_t h);

@@ -41,6 +41,7 @@ int bt_online_cpus(void) {
 
 const char *bt_pool_name(void) { return "openmp"; }
 void bt_pool_resize(int n) { BT_UNUSED(n); }
+void bt_pool_idle(void) {}
 
 void bt_parallel(bt_task_fn fn, void *ctx, int n) {
     if (n <= 1) {
@@ -66,6 +67,7 @@ typedef struct {
     _Atomic int active;                  /* workers inside the current job */
     _Atomic int sleepers;   /* workers waiting on cv */
     _Atomic int stop;
+    _Atomic unsigned long long idle_gen; /* bumped by bt_pool_idle: spinning workers go to sleep */
     bt_task_fn fn;
     void *ctx;
     int njob; /* threads taking part in the current job */
@@ -94,15 +96,19 @@ static void *worker_main(void *p) {
     int tid = ((bt_worker_arg *)p)->tid; /* 1..nworkers */
     /* not atomic_load(&gen) here: a job posted before this thread first runs would be missed */
     unsigned long long seen = ((bt_worker_arg *)p)->gen0;
+    unsigned long long idle_seen = atomic_load(&g_pool.idle_gen); /* read before each job: an idle call
+                                                                      after it ends the spin that follows */
     for (;;) {
         unsigned long long g = atomic_load_explicit(&g_pool.gen, memory_order_acquire);
         if (g == seen) {
-            /* spin, then sleep */
+            /* spin, then sleep (at once after bt_pool_idle) */
             long t0 = now_ns();
             int i = 0;
             while ((g = atomic_load_explicit(&g_pool.gen, memory_order_acquire)) == seen) {
                 BT_PAUSE();
-                if ((++i & 255) == 0 && now_ns() - t0 > g_pool.spin_ns) break;
+                if ((++i & 255) == 0 && (now_ns() - t0 > g_pool.spin_ns ||
+                                         atomic_load_explicit(&g_pool.idle_gen, memory_order_relaxed) != idle_seen))
+                    break;
             }
             if (g == seen) {
                 pthread_mutex_lock(&g_pool.mu);
@@ -113,6 +119,7 @@ static void *worker_main(void *p) {
             }
         }
         seen = g;
+        idle_seen = atomic_load(&g_pool.idle_gen);
         if (atomic_load(&g_pool.stop)) break;
         atomic_fetch_add(&g_pool.active, 1);
         if (atomic_load(&g_pool.open_gen) == g) { /* still open: fn/ctx are valid until we leave */
@@ -178,6 +185,8 @@ void bt_pool_resize(int n) {
     }
     pthread_mutex_unlock(&g_pool_lock);
 }
+
+void bt_pool_idle(void) { atomic_fetch_add(&g_pool.idle_gen, 1); }
 
 void bt_parallel(bt_task_fn fn, void *ctx, int n) {
     if (n <= 1) {
