@@ -109,8 +109,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """Pick one token per row of ``logits [B, V]``; returns int64 ids ``[B]``.
 
     Runs on one torch thread: its operations over one vocabulary take ~1 ms, and torch's parallel
-    regions would cost more than they save and leave their threads spinning on the cores the CPU
-    kernels need next (sampled decode on two threads: 27 -> 34 tok/s at 2B4T, docs/engine.md).
+    regions would cost more than they save and compete with the kernel pool's workers for the cores
+    (sampled decode on two threads: 26 -> 32 tok/s at 2B4T, docs/engine.md).
     """
     threads = torch.get_num_threads()
     if threads > 1:

@@ -48,7 +48,6 @@ class HeadKernel:
             "bt_head_rows": (i32, [i32, vp, vp, i64, i64, vp, i64, vp]),
             "bt_quantize": (i32, [vp, i32, i64, i64, i64, vp, i64, vp, vp]),
             "bt_eng_decode_layers": (i32, [vp, vp, i64, vp, i64]),
-            "bt_release_cores": (None, []),
         }.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -56,7 +55,6 @@ class HeadKernel:
         self.act_quant = lib.bt_eng_act_quant
         self.attend = lib.bt_eng_attend
         self.decode_layers = lib.bt_eng_decode_layers
-        self.release_cores = lib.bt_release_cores
         self._q = torch.empty(0, dtype=torch.int8)
         self._s = torch.empty(0, dtype=torch.float32)
         self._rs = torch.empty(0, dtype=torch.int32)

@@ -425,9 +425,6 @@ class EngineModel:
         else:
             norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
             logits = self.head.logits(fb.xn, fb.logits)
-        # the caller samples with torch next: the kernel pool's workers sleep now instead of spinning on
-        # the cores torch's threads need (sampled decode on two threads: see docs/engine.md, session 8)
-        C.release_cores()
         return logits
 
     @staticmethod

@@ -56,8 +56,8 @@ BT_API const char *bt_isa_name(int isa);
 BT_API int bt_set_threads(int n);
 BT_API int bt_get_threads(void);
 /* Idle pool workers stop spinning and sleep until the next product (they otherwise spin ~2 ms after
- * each one, BITTERN_SPIN_US): call before other multithreaded work runs between kernel calls, e.g.
- * torch's sampling after a decode step, so it gets the cores. */
+ * each one, BITTERN_SPIN_US): call before other multithreaded work (e.g. torch ops on several threads)
+ * runs between kernel calls, so it gets the cores. */
 BT_API void bt_release_cores(void);
 
 /* Layout geometry: padded K (Kp) and bytes per row. */
