@@ -60,15 +60,17 @@ def test_empty_is_huge_page_aligned_when_large(monkeypatch) -> None:
     assert hugepages.empty((3, HUGE_PAGE_BYTES), torch.uint8).shape == (3, HUGE_PAGE_BYTES)
 
 
-def test_released_pages_of_a_private_file_mapping_read_back_the_file(tmp_path) -> None:
-    data = torch.randint(0, 256, (5 * mmap.PAGESIZE + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+def test_read_into_fills_the_tensor_from_the_file_and_reports_truncation(tmp_path) -> None:
+    data = torch.randint(0, 256, (3 * mmap.PAGESIZE + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     path = tmp_path / "blob"
     path.write_bytes(data.numpy().tobytes())
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    view = torch.frombuffer(m, dtype=torch.uint8)[77:]  # starts and ends inside pages
-    assert int(view.sum()) > 0
-    hugepages.release_pages(view)
-    assert torch.equal(view, data[77:])
-    hugepages.release_pages(view[:10])  # no whole page inside: nothing to do
-    assert torch.equal(view, data[77:])
+    arena = HugePageArena(4096 + 1000)
+    with open(path, "rb", buffering=0) as f:
+        out = hugepages.read_into(f, 77, arena.empty((4, 250), torch.uint8), 1000)
+        assert torch.equal(out.reshape(-1), data[77:1077])
+        wide = hugepages.read_into(f, 5, arena.empty((10,), torch.int16), 20)  # any dtype, bytes as stored
+        assert torch.equal(wide.view(torch.uint8), data[5:25])
+        with pytest.raises(OSError, match="ended 77 bytes early"):
+            hugepages.read_into(f, len(data) - 123, torch.empty(200, dtype=torch.uint8), 200, where="blob")
+        with pytest.raises(ValueError, match="do not fill"):
+            hugepages.read_into(f, 0, torch.empty(10, dtype=torch.uint8), 11)

@@ -14,8 +14,8 @@ pages (not Linux, or ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never`
 from __future__ import annotations
 
 import mmap
-import os
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -113,19 +113,17 @@ def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype) -
     return HugePageArena(nbytes).empty(shape, dtype)
 
 
-def release_pages(t: torch.Tensor) -> None:
-    """Drop the resident pages wholly inside ``t``'s bytes (a read-only private file mapping: they are
-    re-read from the file if touched again). Does nothing where ``madvise`` is unavailable."""
-    if os.name != "posix" or t.numel() == 0:
-        return
-    import ctypes
-
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    lo, hi = (start + page - 1) // page * page, end // page * page
-    if hi <= lo:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), getattr(mmap, "MADV_DONTNEED", 4))
+def read_into(f: BinaryIO, offset: int, out: torch.Tensor, nbytes: int, where: object = "file") -> torch.Tensor:
+    """Fill contiguous CPU tensor ``out`` with ``nbytes`` bytes of unbuffered file ``f`` at ``offset``
+    (straight into its memory: the file's pages are not mapped into this process)."""
+    if out.numel() * out.element_size() != nbytes:
+        raise ValueError(f"{where}: {nbytes} bytes do not fill a tensor of {out.numel() * out.element_size()}")
+    view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+    f.seek(offset)
+    done = 0
+    while done < nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise OSError(f"{where}: file ended {nbytes - done} bytes early at offset {offset + done} (truncated?)")
+        done += n
+    return out

@@ -66,11 +66,13 @@ class ModelFileError(ValueError):
 # ----------------------------------------------------------------------------- safetensors reading
 
 
-def read_safetensors(path: str | os.PathLike, mmap_file: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike, mmap_file: bool = True,
+                     offsets: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, memory-mapped (zero-copy) by default.
 
     Every header entry is validated (dtype, shape, offsets inside the file, sizes consistent);
-    problems raise :class:`ModelFileError` naming the file and the tensor.
+    problems raise :class:`ModelFileError` naming the file and the tensor. ``offsets``, when given,
+    receives each tensor's ``(byte offset in the file, byte count)``.
     """
     path = Path(path)
     try:
@@ -118,6 +120,8 @@ def read_safetensors(path: str | os.PathLike, mmap_file: bool = True) -> tuple[d
             raise ModelFileError(f"{where}: {end - begin} bytes stored but shape {shape} of {info['dtype']} needs {numel * itemsize}")
         if data_start + end > size:
             raise ModelFileError(f"{where}: data ends at byte {data_start + end} but the file has only {size} bytes (truncated)")
+        if offsets is not None:
+            offsets[name] = (data_start + begin, end - begin)
         if numel == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue

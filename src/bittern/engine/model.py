@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..configs import ModelConfig
 from ..errors import UsageError
-from ..hugepages import HugePageArena, huge_pages_available, mem_available_bytes, release_pages
+from ..hugepages import HugePageArena, huge_pages_available, mem_available_bytes, read_into
 from ..modelfile import WEIGHTS_FILE, ModelFileError, read_config, read_safetensors
 from ..model import Transformer, config_rope_tables
 from ..pack import TernaryWeight, get_layout
@@ -157,27 +157,41 @@ class EngineModel:
         cfg: ModelConfig = meta["model"]
         if cfg.linear != "bitnet":
             raise ModelFileError(f"{directory}: the engine runs BitNet (ternary) models only")
-        tensors, _ = read_safetensors(directory / WEIGHTS_FILE)
+        offsets: dict[str, tuple[int, int]] = {}
+        tensors, _ = read_safetensors(directory / WEIGHTS_FILE, offsets=offsets)
         size = (directory / WEIGHTS_FILE).stat().st_size
         ternary_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.endswith(".weight_packed"))
+        resident = not keep_weights_mapped(ternary_bytes, mmap_weights)
         return cls._build(cfg, tensors, meta.get("layout", "2bit"), head, embed, backend, size, directory / WEIGHTS_FILE,
-                          mapped=True, resident=not keep_weights_mapped(ternary_bytes, mmap_weights))
+                          mapped=True, resident=resident, file_offsets=offsets if resident else None)
 
     @classmethod
     def _build(cls, cfg: ModelConfig, t: dict[str, torch.Tensor], layout: str, head: str, embed: str | None,
                backend: str | None, size: int, where: Path | str = "state", mapped: bool = False,
-               resident: bool = False) -> "EngineModel":
-        """``mapped``: ``t`` views a private read-only file mapping; ``resident``: copy the packed ternary
-        weights into a huge-page arena (and drop their mapped pages)."""
+               resident: bool = False, file_offsets: dict[str, tuple[int, int]] | None = None) -> "EngineModel":
+        """``mapped``: ``t`` views a private read-only file mapping; ``resident``: the packed ternary weights
+        go into a huge-page arena, read from the file ``where`` at ``file_offsets`` when given (with the
+        other small tensors, so the weights' pages are never mapped into this process: reading the norms
+        and scales through the mapping mapped the page-cache folios around them, ~60% of the weights),
+        else copied."""
         lay = get_layout(layout)
         arena = None
+        source = None
         if resident:
             packed_all = [v for n, v in t.items() if n.endswith(".weight_packed")]
             arena = HugePageArena(HugePageArena.bytes_for(packed_all))
+            if file_offsets is not None:
+                source = open(where, "rb", buffering=0)
 
         def take(name: str) -> torch.Tensor:
             if name not in t:
                 raise ModelFileError(f"{where}: tensor {name!r} is missing")
+            if source is not None and file_offsets is not None and name in file_offsets \
+                    and name not in ("embed_tokens.weight", "lm_head.weight") and not name.endswith(".weight_packed"):
+                # the small tensors too: touching them through the mapping maps the page-cache folios
+                # around them, i.e. most of the ternary weights a second time (~255 MB at 2B4T)
+                offset, nbytes = file_offsets[name]
+                return read_into(source, offset, torch.empty(t[name].shape, dtype=t[name].dtype), nbytes, where)
             return t[name]
 
         def norm(name: str) -> torch.Tensor:
@@ -189,9 +203,12 @@ class EngineModel:
                 raise ModelFileError(f"{where}: tensor {name + '.weight_packed'!r} has shape {tuple(packed.shape)}, "
                                      f"expected {(out_f, lay.packed_cols(in_f))} for layout {layout}")
             if arena is not None:
-                source, packed = packed, arena.copy(packed)
-                if mapped and source.element_size() == 1:  # a view of the file mapping: its pages can go
-                    release_pages(source)
+                key = f"{name}.weight_packed"
+                if source is not None and file_offsets is not None and key in file_offsets:
+                    offset, nbytes = file_offsets[key]
+                    packed = read_into(source, offset, arena.empty(packed.shape, packed.dtype), nbytes, where)
+                else:
+                    packed = arena.copy(packed)
             return TernaryWeight(packed, take(f"{name}.weight_scale").float().reshape(()), out_f, in_f, layout)
 
         shapes = cfg.linear_shapes()
@@ -230,7 +247,10 @@ class EngineModel:
             head_table = TokenTable(take("lm_head.weight"), head, release_source=mapped)
             stored = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(emb_w.dtype, "f32")
             emb_table = TokenTable(emb_w, embed or stored)
-        model = cls(cfg, layers, emb_table, head_table, norm("norm.weight"), size)
+        final_norm = norm("norm.weight")
+        if source is not None:
+            source.close()
+        model = cls(cfg, layers, emb_table, head_table, final_norm, size)
         model.weights_mapped = mapped and arena is None
         model.weights_on_huge_pages = arena is not None and arena.huge
         return model
