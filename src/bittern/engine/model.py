@@ -146,9 +146,9 @@ class EngineModel:
         """Open a packed model directory.
 
         ``mmap_weights``: True keeps the ternary weights in the file mapping (nothing copied); False
-        copies them into anonymous memory on transparent huge pages where the OS offers them (fewer
-        TLB misses: faster decode) and drops the mapped pages; None (default) copies when huge pages
-        are available and the weights take at most half of the available memory, else maps.
+        reads them from the file into anonymous memory on transparent huge pages where the OS offers
+        them (fewer TLB misses: faster decode); None (default) copies when huge pages are available and
+        the weights take at most half of the available memory, else maps.
         """
         directory = Path(path)
         if not directory.exists():
@@ -441,11 +441,9 @@ class EngineModel:
         if last_only:
             last = (B - 1) * h * 4
             norm_quant(xp + last, downp + last, self.final_norm.data_ptr(), eps, 1, h, xnp + last, None, 0, None, None)
-            logits = self.head.logits(fb.xn[B - 1 :], fb.logits)
-        else:
-            norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
-            logits = self.head.logits(fb.xn, fb.logits)
-        return logits
+            return self.head.logits(fb.xn[B - 1 :], fb.logits)
+        norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
+        return self.head.logits(fb.xn, fb.logits)
 
     @staticmethod
     def _c_plan(plan: list[tuple]) -> torch.Tensor | None:
