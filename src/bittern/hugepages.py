@@ -4,8 +4,8 @@ A decode step reads every weight once, front to back. On 4 KB pages that is one 
 (a 2B4T-shaped step touches ~190,000 pages); on 2 MB pages it is 512 times fewer. Measured on the
 2-core Zen 3 machine, same process, engines alternated: +4-5% decode tokens/s on one thread and +10%
 on two (see docs/engine.md). A read-only file mapping gets huge pages only where the page cache
-happens to hold 2 MB folios (7% of a model file here), so the engine copies weights it keeps
-resident into an arena of anonymous memory advised ``MADV_HUGEPAGE``.
+happens to hold 2 MB folios (7% of a model file here), so the engine reads weights it keeps
+resident into an arena of anonymous memory advised ``MADV_HUGEPAGE`` (:func:`read_into`).
 
 Everything falls back to ordinary ``torch.empty`` memory where the OS offers no transparent huge
 pages (not Linux, or ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``).
