@@ -163,36 +163,32 @@ class EngineModel:
         ternary_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.endswith(".weight_packed"))
         resident = not keep_weights_mapped(ternary_bytes, mmap_weights)
         return cls._build(cfg, tensors, meta.get("layout", "2bit"), head, embed, backend, size, directory / WEIGHTS_FILE,
-                          mapped=True, resident=resident, file_offsets=offsets if resident else None)
+                          mapped=True, file_offsets=offsets if resident else None)
 
     @classmethod
     def _build(cls, cfg: ModelConfig, t: dict[str, torch.Tensor], layout: str, head: str, embed: str | None,
                backend: str | None, size: int, where: Path | str = "state", mapped: bool = False,
-               resident: bool = False, file_offsets: dict[str, tuple[int, int]] | None = None) -> "EngineModel":
-        """``mapped``: ``t`` views a private read-only file mapping; ``resident``: the packed ternary weights
-        go into a huge-page arena, read from the file ``where`` at ``file_offsets`` when given (with the
-        other small tensors, so the weights' pages are never mapped into this process: reading the norms
-        and scales through the mapping mapped the page-cache folios around them, ~60% of the weights),
-        else copied."""
+               file_offsets: dict[str, tuple[int, int]] | None = None) -> "EngineModel":
+        """``mapped``: ``t`` views a private read-only file mapping. ``file_offsets`` (byte offset and count
+        of each tensor in the file ``where``): read the packed ternary weights from the file into a
+        huge-page arena, and every other tensor but the embedding into ordinary memory, so none of the
+        weights' pages is mapped into this process (reading the norms and scales through the mapping
+        mapped the page-cache folios around them: ~60% of the weights)."""
         lay = get_layout(layout)
-        arena = None
-        source = None
-        if resident:
-            packed_all = [v for n, v in t.items() if n.endswith(".weight_packed")]
-            arena = HugePageArena(HugePageArena.bytes_for(packed_all))
-            if file_offsets is not None:
-                source = open(where, "rb", buffering=0)
+        arena = source = None
+        if file_offsets is not None:
+            arena = HugePageArena(HugePageArena.bytes_for([v for n, v in t.items() if n.endswith(".weight_packed")]))
+            source = open(where, "rb", buffering=0)
 
         def take(name: str) -> torch.Tensor:
             if name not in t:
                 raise ModelFileError(f"{where}: tensor {name!r} is missing")
-            if source is not None and file_offsets is not None and name in file_offsets \
-                    and name not in ("embed_tokens.weight", "lm_head.weight") and not name.endswith(".weight_packed"):
-                # the small tensors too: touching them through the mapping maps the page-cache folios
-                # around them, i.e. most of the ternary weights a second time (~255 MB at 2B4T)
-                offset, nbytes = file_offsets[name]
-                return read_into(source, offset, torch.empty(t[name].shape, dtype=t[name].dtype), nbytes, where)
-            return t[name]
+            if arena is None or source is None or file_offsets is None or name in ("embed_tokens.weight", "lm_head.weight"):
+                return t[name]  # the embedding: its pages are dropped as the head table is converted
+            offset, nbytes = file_offsets[name]
+            shape, dtype = t[name].shape, t[name].dtype
+            out = arena.empty(shape, dtype) if name.endswith(".weight_packed") else torch.empty(shape, dtype=dtype)
+            return read_into(source, offset, out, nbytes, where)
 
         def norm(name: str) -> torch.Tensor:
             return take(name).float()
@@ -202,13 +198,6 @@ class EngineModel:
             if tuple(packed.shape) != (out_f, lay.packed_cols(in_f)):
                 raise ModelFileError(f"{where}: tensor {name + '.weight_packed'!r} has shape {tuple(packed.shape)}, "
                                      f"expected {(out_f, lay.packed_cols(in_f))} for layout {layout}")
-            if arena is not None:
-                key = f"{name}.weight_packed"
-                if source is not None and file_offsets is not None and key in file_offsets:
-                    offset, nbytes = file_offsets[key]
-                    packed = read_into(source, offset, arena.empty(packed.shape, packed.dtype), nbytes, where)
-                else:
-                    packed = arena.copy(packed)
             return TernaryWeight(packed, take(f"{name}.weight_scale").float().reshape(()), out_f, in_f, layout)
 
         shapes = cfg.linear_shapes()
