@@ -35,16 +35,18 @@ def test_small_run_writes_rows_and_compares_with_llama_cpp(tmp_path, monkeypatch
     monkeypatch.setattr(bk, "llama_cpp_prompt_rate", fake_llama)
     lines: list[str] = []
     out = tmp_path / "k.json"
-    rep = bk.run_kernel_bench(models=["mini"], threads=[1], formats=["2bit-r4", "1.67bit-lut"], gemm_tokens=8, reps=1,
+    rep = bk.run_kernel_bench(models=["mini"], threads=[2], formats=["2bit-r4", "1.67bit-lut"], gemm_tokens=8, reps=1,
                               min_bytes=2e5, with_torch=False, json_path=str(out), log=lines.append,
                               llama_cpp="m.gguf")
-    assert calls == [("m.gguf", 1, 8), ("m.gguf", 1, 8)]  # before and after the shapes
+    assert calls == [("m.gguf", 2, 8), ("m.gguf", 2, 8)]  # before and after the shapes
     assert json.loads(out.read_text()) == json.loads(json.dumps(rep))
     rows = rep["results"]
     assert {(r["layer"], r["format"]) for r in rows} == {(layer, f) for layer in ("q/o", "k/v", "gate/up", "down")
                                                          for f in ("2bit-r4", "1.67bit-lut")}
     for r in rows:
         assert r["gemv_s"] > 0 and r["roof_s"] > 0 and r["gemm_s"] > 0 and r["weight_copies"] >= 1
+        assert r["core_gbps"] > 0
+        assert r["core_pct"] == pytest.approx(100 * r["gemv_gbps"] / (r["threads"] * r["core_gbps"]))
     comps = rep["llama_cpp"]["comparisons"]
     assert [c["format"] for c in comps] == ["2bit-r4", "1.67bit-lut"]
     for c in comps:
@@ -53,3 +55,26 @@ def test_small_run_writes_rows_and_compares_with_llama_cpp(tmp_path, monkeypatch
     assert any("llama.cpp's prompt speed" in line for line in lines)
     with pytest.raises(ValueError, match="GEMM"):
         bk.run_kernel_bench(models=["mini"], threads=[1], gemm_tokens=0, llama_cpp="m.gguf", log=None)
+
+
+def test_core_rate_runs_on_one_thread_and_restores_the_count(monkeypatch) -> None:
+    import torch
+
+    seen = []
+    real = native.bench_calls
+
+    def spy(*args, **kwargs):
+        seen.append(native.get_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "bench_calls", spy)
+    gen = torch.Generator().manual_seed(0)
+    native.set_threads(2)
+    try:
+        q, s, rs = native.quantize_activations(torch.randn(1, 512, generator=gen))
+        w = bk.random_packed("2bit-r4", 256, 512, gen)
+        gbps = bk._core_gemv_gbps("2bit-r4", 256, 512, w.packed.numel(), 2, q, s, rs, 1, False, gen)
+        assert gbps > 0 and seen and set(seen) == {1}
+        assert native.get_threads() == 2
+    finally:
+        native.set_threads(None)

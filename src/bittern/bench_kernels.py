@@ -5,7 +5,9 @@ For the linear-layer shapes of 2B4T, 3B, 7B and 70B-shaped models, each packed f
 
 * decode GEMV (one token): seconds per call, packed-weight GB/s, and the same-run memory roofline: a
   streaming read of exactly the same bytes with AVX2 loads on the same threads (the faster of a plain
-  and a software-prefetched read), so ``% roof = t_read / t_gemv``;
+  and a software-prefetched read), so ``% roof = t_read / t_gemv``; and the same GEMV's GB/s on one
+  thread from ~192 KB of rows that stay in cache (``core``: what one core computes; ``% core`` = GB/s
+  over threads x core, near 100% means compute-bound, far below means memory-bound);
 * ``torch.nn.functional.linear`` on the same shape in float32 and bfloat16 (``x fp32`` = how many times
   faster the ternary kernel is);
 * prefill GEMM with ``gemm_tokens`` tokens (default 128): G weight-MACs per second (N*K*T / t), and
@@ -190,6 +192,7 @@ def _bench_shape(
                 copies, q, s, rs, out, read=True, rounds=1, prefetch_bytes=2048, cpu_clock=cpu_clock
             )
         t, t_read = _best(kern), min(_best(plain), _best(pref))
+        core_gbps = _core_gemv_gbps(layout, n, k, nbytes, threads, q, s, rs, reps, cpu_clock, gen)
         row = {
             "model": model,
             "layer": layer,
@@ -208,6 +211,8 @@ def _bench_shape(
             "roof_prefetch_gbps": nbytes / _best(pref) / 1e9,
             "roof_pct": 100.0 * t_read / t,
             "gemv_gweights_per_s": n * k / t / 1e9,
+            "core_gbps": core_gbps,
+            "core_pct": 100.0 * nbytes / t / 1e9 / (threads * core_gbps),
             "torch_fp32_s": torch_t["fp32"],
             "torch_bf16_s": torch_t["bf16"],
             "speedup_vs_fp32": torch_t["fp32"] / t if torch_t["fp32"] else None,
@@ -232,6 +237,28 @@ def _bench_shape(
         log(_format_row(row))
         del copies
     return rows
+
+
+CACHED_BYTES = 192 * 1024
+"""Packed bytes of the cache-resident GEMV measurement: well inside a 512 KB L2 with the activations."""
+
+
+def _core_gemv_gbps(layout: str, n: int, k: int, nbytes: int, threads: int, q: torch.Tensor, s: torch.Tensor,
+                    rs: torch.Tensor, reps: int, cpu_clock: bool, gen: torch.Generator) -> float:
+    """Packed GB/s one core's GEMV computes when memory is not the limit: one thread, on about CACHED_BYTES
+    of rows of the shape's width, called over and over so the weights stay in cache. A DRAM rate near
+    ``threads`` times this is compute-bound; far below it, memory-bound."""
+    rows = max(64, min(n, int(CACHED_BYTES * n / nbytes) // 64 * 64))
+    w = random_packed(layout, rows, k, gen)
+    out = torch.empty(1, rows)
+    calls = max(20, int(20e6 / w.packed.numel()))  # ~2 ms of work per round at 10 GB/s
+    nat.set_threads(1)
+    try:
+        best = min(_best(nat.bench_calls([w] * calls, q, s, rs, out, mode="gemv", rounds=1, cpu_clock=cpu_clock))
+                   for _ in range(max(3, reps)))
+    finally:
+        nat.set_threads(threads)
+    return w.packed.numel() / best / 1e9
 
 
 _LLAMA_CPP_PROMPT = r"""
@@ -278,7 +305,7 @@ def block_gemm_rate(rows: list[dict], shape: ModelShape, layout: str, threads: i
 
 _HEADER = (
     f"{'model':5s} {'layer':7s} {'N x K':>12s} {'fmt':11s} {'thr':>3s} | {'GEMV us':>8s} {'Gw/s':>6s} {'GB/s':>6s} "
-    f"{'roof':>6s} {'%roof':>6s} {'x fp32':>7s} {'x bf16':>7s} | {'GEMM ms':>8s} {'GMAC/s':>7s} "
+    f"{'roof':>6s} {'%roof':>6s} {'core':>6s} {'%core':>6s} {'x fp32':>7s} {'x bf16':>7s} | {'GEMM ms':>8s} {'GMAC/s':>7s} "
     f"{'x fp32':>7s} {'x bf16':>7s}"
 )
 
@@ -291,7 +318,7 @@ def _format_row(r: dict) -> str:
     shape = f"{r['out_features']}x{r['in_features']}"
     line = (
         f"{r['model']:5s} {r['layer']:7s} {shape:>12s} {r['format']:11s} {r['threads']:3d} | "
-        f"{r['gemv_s'] * 1e6:8.1f} {r['gemv_gweights_per_s']:6.1f} {r['gemv_gbps']:6.1f} {r['roof_gbps']:6.1f} {r['roof_pct']:5.0f}% "
+        f"{r['gemv_s'] * 1e6:8.1f} {r['gemv_gweights_per_s']:6.1f} {r['gemv_gbps']:6.1f} {r['roof_gbps']:6.1f} {r['roof_pct']:5.0f}% {r['core_gbps']:6.1f} {r['core_pct']:5.0f}% "
         f"{_fmt(r['speedup_vs_fp32'], '7.2f')} {_fmt(r['speedup_vs_bf16'], '7.2f')} |"
     )
     if "gemm_s" in r:
@@ -378,7 +405,9 @@ def run_kernel_bench(
     )
     say("# GEMV: 1 token, weights rotate over copies > min_bytes (DRAM); roof = same-run streaming read of the")
     say("# same bytes (AVX2 loads, same threads); Gw/s = G weights per second (compares formats of different")
-    say("# sizes); x fp32/x bf16 = torch F.linear time / kernel time;")
+    say("# sizes); core = GB/s of the same GEMV on one thread from ~192 KB of rows that stay in cache (what one")
+    say("# core computes), %core = GB/s / (threads x core): near 100% = compute-bound; x fp32/x bf16 = torch")
+    say("# F.linear time / kernel time;")
     say(f"# GEMM: {gemm_tokens} tokens, GMAC/s = weights x tokens / s.")
     if llama_cpp and not gemm_tokens:
         raise ValueError("the llama.cpp comparison needs the GEMM measurement (gemm_tokens > 0)")
