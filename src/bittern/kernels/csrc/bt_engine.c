@@ -507,6 +507,12 @@ AVX2_INL void lowbit_block_tokens(const head_job *j, int64_t t0, int tt, int64_t
     }
 }
 
+#ifndef BT_HEAD_PREFETCH
+#define BT_HEAD_PREFETCH 2048 /* bytes of head rows prefetched ahead of the 5/6-bit stream */
+#endif
+#ifndef BT_HEAD_PF_HINT
+#define BT_HEAD_PF_HINT _MM_HINT_T0
+#endif
 typedef void (*lowbit_block_fn)(const head_job *j, const uint8_t *p, int64_t b, int64_t t0, int tt, __m256i acc[4]);
 
 /* Rows [n0, n1) of a 6- or 5-bit head, up to four tokens per pass over a row; block() adds one block's
@@ -519,9 +525,9 @@ AVX2_INL void lowbit_row_pass(const head_job *j, const uint8_t *row, int64_t nb,
                               lowbit_block_fn block, __m256i acc[4]) {
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = row + bytes * b;
-        _mm_prefetch((const char *)p + 2048, _MM_HINT_T0);
-        _mm_prefetch((const char *)p + 2048 + 64, _MM_HINT_T0);
-        if (bytes > 128) _mm_prefetch((const char *)p + 2048 + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)p + BT_HEAD_PREFETCH, BT_HEAD_PF_HINT);
+        _mm_prefetch((const char *)p + BT_HEAD_PREFETCH + 64, BT_HEAD_PF_HINT);
+        if (bytes > 128) _mm_prefetch((const char *)p + BT_HEAD_PREFETCH + 128, BT_HEAD_PF_HINT);
         block(j, p, b, t0, tt, acc);
     }
 }
