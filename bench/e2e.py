@@ -263,6 +263,75 @@ def quality(model_dir: str, text_chars: int = 40_000, window: int | None = None)
     return out
 
 
+def width_step_factor(width: int, target_width: int = 2560, rows: int = 4096) -> float:
+    """How much larger a per-row absmax step is, relative to the rows' spread, at ``target_width`` columns
+    than at ``width`` (Gaussian rows, seeded): the mean row absmax of one over the other."""
+    import torch
+
+    g = torch_generator(0)
+
+    def mean_absmax(w: int) -> float:
+        return float(torch.randn(rows, w, generator=g).abs().amax(dim=1).mean())
+
+    return mean_absmax(target_width) / mean_absmax(width)
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def offset_grid_quantize(w, qmax: int, step_scale: float, offsets):
+    """Per-row absmax quantisation of ``w`` [rows, cols] with codes in [-qmax, qmax] and the step times
+    ``step_scale``, on a grid shifted by ``offsets`` [rows, 1] (in steps, each in [-0.5, 0.5)); returns
+    the dequantised matrix. Offset 0 and scale 1 is the engine's quantiser."""
+    import torch
+
+    s = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) * step_scale / qmax
+    return (torch.round(w / s + offsets) - offsets).clamp(-qmax - 0.5, qmax + 0.5) * s
+
+
+def head_grid_cost(model_dir: str, text_chars: int = 40_000, draws: int = 8, target_width: int = 2560,
+                   window: int | None = None) -> dict:
+    """Expected perplexity cost of the int6 / int5 LM head vs bf16, over ``draws`` random grid offsets per row
+    (one grid's cost swings by about as much as the 0.5% budget on a small model), at this model's step
+    and at the relatively larger step of ``target_width``-wide rows (the head is fake-quantised in f32;
+    a tied embedding shares it, as in the engine)."""
+    import torch
+
+    from bittern.demo import demo_text
+    from bittern.engine import Engine
+
+    base = Engine.load(model_dir, head="f32", kv_dtype="f32")
+    ids = base.encode(demo_text()[-text_chars:])
+    table = base.model.head.weight
+    original = table.clone()
+
+    def ppl_with(w) -> float:
+        table.copy_(w)
+        try:
+            return base.perplexity(ids, window)
+        finally:
+            table.copy_(original)
+
+    ref = ppl_with(original.to(torch.bfloat16).float())
+    factor = width_step_factor(original.shape[1], target_width)
+    g = torch_generator(1)
+    out: dict = {"tokens": len(ids), "bf16_ppl": ref, "draws": draws, "width": original.shape[1],
+                 "target_width": target_width, "target_step_factor": factor, "formats": {}}
+    for fmt, qmax in (("int6", 31), ("int5", 15)):
+        for label, scale in (("this model", 1.0), (f"{target_width}-wide rows", factor)):
+            costs = []
+            for _ in range(draws):
+                offsets = torch.rand(original.shape[0], 1, generator=g) - 0.5
+                costs.append(ppl_with(offset_grid_quantize(original, qmax, scale, offsets)) / ref - 1.0)
+            out["formats"].setdefault(fmt, {})[label] = {
+                "mean": statistics.mean(costs), "sd": statistics.stdev(costs) if len(costs) > 1 else 0.0,
+                "min": min(costs), "max": max(costs)}
+    return out
+
+
 def _sub(kind: str, spec: dict, timeout: float = 3600) -> dict:
     cmd = [sys.executable, __file__, "--one", json.dumps({"kind": kind, **spec})]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -295,7 +364,8 @@ def main() -> int:
     ap.add_argument("--big-gen", type=int, default=8)
     ap.add_argument("--llama-cpp", default="", help="a GGUF of the same shape (e.g. TQ2_0 with llama.cpp's Q6_K head) to time "
                     "with llama-cpp-python's llama.cpp in the same run, if that package is installed")
-    ap.add_argument("--quality", help="only measure perplexity per head / KV format on this trained model directory")
+    ap.add_argument("--quality", help="only measure perplexity per head / KV format on this trained model directory, and "
+                    "the int6 / int5 heads' expected cost over random grid offsets")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()
     if args.one:
@@ -306,6 +376,7 @@ def main() -> int:
 
     if args.quality:
         q = quality(args.quality)
+        q["head_grid"] = head_grid_cost(args.quality)
         print(json.dumps(q, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(q, indent=2))

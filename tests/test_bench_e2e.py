@@ -59,3 +59,45 @@ def test_driver_runs_interleaved_rounds(tmp_path):
     assert len(eng["rounds"]) == 2 and all(r["decode_tok_s"] > 0 for r in eng["rounds"])
     assert eng["decode_tok_s"] == max(r["decode_tok_s"] for r in eng["rounds"])
     assert "| 2bit-r4 / head auto | 1 |" in p.stdout
+
+
+def test_width_step_factor_grows_with_the_row_width(e2e):
+    f = e2e.width_step_factor(160, 2560, rows=2048)
+    assert 1.2 < f < 1.35  # Gaussian row absmax: ~3.7 sd at 2560 columns, ~2.9 at 160
+    assert e2e.width_step_factor(2560, 2560, rows=512) == pytest.approx(1.0, abs=0.03)
+    assert e2e.width_step_factor(2560, 160, rows=512) < 1.0
+
+
+def test_offset_grid_quantize_stays_on_its_shifted_grid(e2e):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g)
+    zero = torch.zeros(64, 1)
+    q0 = e2e.offset_grid_quantize(w, 31, 1.0, zero)
+    s = w.abs().amax(dim=1, keepdim=True) / 31
+    assert torch.equal(q0, torch.round(w / s).clamp(-31, 31) * s)  # offset 0, scale 1: the engine's absmax codes
+    offsets = torch.rand(64, 1, generator=g) - 0.5
+    for qmax, scale in ((15, 1.0), (15, 1.27), (31, 1.5)):
+        step = w.abs().amax(dim=1, keepdim=True) * scale / qmax
+        q = e2e.offset_grid_quantize(w, qmax, scale, offsets)
+        k = q / step + offsets  # whole numbers on the shifted grid
+        assert torch.allclose(k, torch.round(k), atol=1e-4)
+        assert ((q - w).abs() <= step / 2 + 1e-6).all()  # nearest grid point (no value is clipped here)
+        assert not torch.equal(q, e2e.offset_grid_quantize(w, qmax, scale, zero))
+
+
+def test_head_grid_cost_on_the_shipped_model(e2e):
+    from bittern.train import default_model_path
+
+    path = default_model_path()
+    if path is None or not Path(path).exists():
+        pytest.skip("no shipped model")
+    r = e2e.head_grid_cost(str(path), text_chars=3000, draws=2)
+    assert r["width"] == 160 and r["target_width"] == 2560 and r["target_step_factor"] > 1.2
+    assert r["tokens"] > 100 and r["bf16_ppl"] > 1
+    for fmt in ("int6", "int5"):
+        for label in ("this model", "2560-wide rows"):
+            c = r["formats"][fmt][label]
+            assert c["min"] <= c["mean"] <= c["max"] and c["sd"] >= 0
+            assert abs(c["mean"]) < 0.2  # a perplexity change of a few percent at most, not a broken table
