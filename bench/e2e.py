@@ -32,6 +32,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 LLAMA_CPP_REFERENCE = {  # external reference, measured earlier on this machine kind (not by this script)
     "decode_tok_s_1t": 11.6, "decode_tok_s_2t": 18.6, "prefill_tok_s_2t_pp128": 27.7,
@@ -276,13 +280,14 @@ def width_step_factor(width: int, target_width: int = 2560, rows: int = 4096) ->
     return mean_absmax(target_width) / mean_absmax(width)
 
 
-def torch_generator(seed: int):
+def torch_generator(seed: int) -> "torch.Generator":
+    """A seeded torch random generator."""
     import torch
 
     return torch.Generator().manual_seed(seed)
 
 
-def offset_grid_quantize(w, qmax: int, step_scale: float, offsets):
+def offset_grid_quantize(w: "torch.Tensor", qmax: int, step_scale: float, offsets: "torch.Tensor") -> "torch.Tensor":
     """Per-row absmax quantisation of ``w`` [rows, cols] with codes in [-qmax, qmax] and the step times
     ``step_scale``, on a grid shifted by ``offsets`` [rows, 1] (in steps, each in [-0.5, 0.5)); returns
     the dequantised matrix. Offset 0 and scale 1 is the engine's quantiser."""
@@ -308,7 +313,7 @@ def head_grid_cost(model_dir: str, text_chars: int = 40_000, draws: int = 8, tar
     table = base.model.head.weight
     original = table.clone()
 
-    def ppl_with(w) -> float:
+    def ppl_with(w: "torch.Tensor") -> float:
         table.copy_(w)
         try:
             return base.perplexity(ids, window)
