@@ -78,3 +78,21 @@ def test_core_rate_runs_on_one_thread_and_restores_the_count(monkeypatch) -> Non
         assert native.get_threads() == 2
     finally:
         native.set_threads(None)
+
+
+def test_cli_verb_takes_the_bench_options(tmp_path, monkeypatch, capsys) -> None:
+    from bittern.cli import main
+
+    monkeypatch.setitem(bk.MODELS, "mini", bk.ModelShape("mini", 256, 512, 64, 2))
+    out = tmp_path / "k.json"
+    rc = main(["bench", "kernels", "--shapes", "mini", "--threads", "1", "--formats", "1.67bit-lut", "--reps", "1",
+               "--gemm-tokens", "0", "--no-torch", "--min-mb", "0.2", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["format"] for r in rows} == {"1.67bit-lut"} and {r["threads"] for r in rows} == {1}
+    assert all(r["core_gbps"] > 0 and "gemm_s" not in r for r in rows)
+    assert "core" in capsys.readouterr().out
+    for bad, message in ((["--threads", "two"], "comma-separated integers"), (["--threads", "0"], "positive"),
+                         (["--models", "9Z"], "unknown model"), (["--formats", "3bit"], "unknown format")):
+        assert main(["bench", "kernels", *bad]) == 2
+        assert message in capsys.readouterr().err

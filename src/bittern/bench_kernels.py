@@ -24,6 +24,7 @@ decode step does. Kernel loops are timed inside C (no Python in the loop); each 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -451,32 +452,25 @@ def run_kernel_bench(
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry (``python bench/kernels.py`` / ``python -m bittern.bench_kernels``)."""
-    import argparse
+def run_from_args(a: argparse.Namespace) -> dict:
+    """Run the bench with the options of :func:`bittern.commands.bench.add_kernel_bench_arguments`.
 
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--models", default="2B4T,3B,7B,70B", help="comma list of " + ",".join(MODELS))
-    p.add_argument("--threads", default="1,2", help="comma list of thread counts")
-    p.add_argument("--formats", default=",".join(FORMATS), help="comma list of " + ",".join(FORMATS))
-    p.add_argument("--gemm-tokens", type=int, default=128, help="tokens for the GEMM measurement (0: skip)")
-    p.add_argument("--reps", type=int, default=5, help="rounds per measurement (best is reported)")
-    p.add_argument("--min-mb", type=float, default=96.0, help="GEMV weight copies total at least this many MB")
-    p.add_argument("--no-torch", action="store_true", help="skip the torch F.linear comparison")
-    p.add_argument("--cpu-clock", action="store_true", help="time with the thread CPU clock (1 thread only)")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--llama-cpp", default=None, metavar="GGUF",
-                   help="also time llama.cpp's prompt speed on this GGUF (the first model's shape, e.g. TQ2_0) in "
-                        "the same run and compare the whole-block GEMM rate with it (needs llama-cpp-python)")
-    p.add_argument("--small-pages", action="store_true",
-                   help="keep packed weights on ordinary 4 KB pages (default: transparent huge pages where available)")
-    a = p.parse_args(argv)
-    run_kernel_bench(
-        models=[m for m in a.models.split(",") if m],
-        threads=[int(t) for t in a.threads.split(",") if t],
-        formats=[f for f in a.formats.split(",") if f],
+    Raises ValueError for option values it cannot use (not integers, unknown shapes or formats)."""
+    def ints(text: str, name: str) -> list[int]:
+        try:
+            return [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+    threads = ints(a.threads, "--threads")
+    if not threads or any(t < 1 for t in threads):
+        raise ValueError(f"--threads must list positive thread counts, got {a.threads!r}")
+    if a.reps < 1 or a.gemm_tokens < 0 or a.min_mb <= 0:
+        raise ValueError("--reps must be at least 1, --gemm-tokens at least 0 and --min-mb positive")
+    return run_kernel_bench(
+        models=[m.strip() for m in a.models.split(",") if m.strip()],
+        threads=threads,
+        formats=[f.strip() for f in a.formats.split(",") if f.strip()] if a.formats else FORMATS,
         gemm_tokens=a.gemm_tokens,
         reps=a.reps,
         min_bytes=a.min_mb * 1e6,
@@ -486,6 +480,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         huge_pages=not a.small_pages,
         llama_cpp=a.llama_cpp,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry (``python bench/kernels.py`` / ``python -m bittern.bench_kernels``); the same options
+    as ``bittern bench kernels``."""
+    from .commands.bench import add_kernel_bench_arguments
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_kernel_bench_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        run_from_args(a)
+    except ValueError as e:
+        p.error(str(e))
     return 0
 
 

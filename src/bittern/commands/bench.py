@@ -42,10 +42,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(handler=run_paper)
 
     k = verbs.add_parser("kernels", help="ternary matrix-product kernels: GEMV/GEMM speed by shape and threads")
-    k.add_argument("--shapes", default="2B4T,3B,7B,70B", help="comma-separated config names whose layer shapes to time")
-    k.add_argument("--threads", default=None, help="comma-separated thread counts (default: the kernel bench's, 1 and 2)")
-    k.add_argument("--json", help="write the results to this JSON file")
+    add_kernel_bench_arguments(k)
     k.set_defaults(handler=run_kernels)
+
+
+def add_kernel_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The kernel bench's options, shared by ``bittern bench kernels`` and ``bench/kernels.py``."""
+    p.add_argument("--models", "--shapes", dest="models", default="2B4T,3B,7B,70B",
+                   help="comma-separated model shapes whose linear layers to time (2B4T, 3B, 7B, 70B; default: all)")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default: 1,2)")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated packed layouts (2bit-r4, 1.6bit-r4, 1.67bit-lut; default: all)")
+    p.add_argument("--gemm-tokens", type=int, default=128, help="tokens for the GEMM measurement (0: skip)")
+    p.add_argument("--reps", type=int, default=5, help="rounds per measurement (best is reported)")
+    p.add_argument("--min-mb", type=float, default=96.0, help="GEMV weight copies total at least this many MB")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch F.linear comparison")
+    p.add_argument("--cpu-clock", action="store_true", help="time with the thread CPU clock (1 thread only)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--llama-cpp", default=None, metavar="GGUF",
+                   help="also time llama.cpp's prompt speed on this GGUF (the first model's shape, e.g. TQ2_0) in "
+                        "the same run and compare the whole-block GEMM rate with it (needs llama-cpp-python)")
+    p.add_argument("--small-pages", action="store_true",
+                   help="keep packed weights on ordinary 4 KB pages (default: transparent huge pages where available)")
 
 
 def run_paper(args: argparse.Namespace) -> int:
@@ -74,13 +92,11 @@ def run_paper(args: argparse.Namespace) -> int:
 
 def run_kernels(args: argparse.Namespace) -> int:
     try:
-        from ..bench_kernels import run_kernel_bench  # type: ignore[import-not-found]
+        from ..bench_kernels import run_from_args  # type: ignore[import-not-found]
     except ImportError as e:
         raise UsageError(f"the kernel bench is not available in this build (bittern.bench_kernels: {e})") from None
     try:
-        threads = [int(t) for t in _csv(args.threads)] if args.threads else None
-    except ValueError:
-        raise UsageError(f"--threads must be comma-separated integers, got {args.threads!r}") from None
-    kwargs = {"threads": threads} if threads else {}
-    run_kernel_bench(models=_csv(args.shapes), json_path=args.json, **kwargs)
+        run_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return 0
