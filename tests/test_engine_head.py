@@ -266,3 +266,35 @@ def test_head_bench_script_runs(tmp_path) -> None:
     assert all(r["gbps"] > 0 and r["roof_gbps"] > 0 for r in rows)
     assert {r["format"]: r["bytes"] for r in rows if r["threads"] == 1} == {
         "int8": 300 * 256 + 1200, "int6": 300 * 192 + 1200, "int5": 300 * 160 + 1200}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int6", "int5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_same_codes_on_every_isa_and_thread_count(fmt: str, dtype: torch.dtype) -> None:
+    """The C quantiser (rows on the pool, AVX2 or scalar) gives torch's absmax codes, whatever runs it."""
+    kern = load_head_kernel()
+    g = torch.Generator().manual_seed(21)
+    rows, cols = 4100, 45  # more rows than one release window (4096), columns not a multiple of 8
+    w = (torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 4).to(dtype)
+    w[7] = 0  # an all-zero row: the scale floor
+    w[8, :6] = torch.tensor([0.5, -0.5, 2.5, -1.5, 31.0, -31.0]).to(dtype)  # ties round to even
+    ref_codes, ref_scales = quantize_rows_int8(w, qmax=QMAX[fmt])
+    ids = torch.arange(rows)
+    want = ref_codes.float() * ref_scales[:, None]
+    seen = []
+    for isa in ISAS:
+        for threads in (1, 2):
+            with native.using(isa, threads):
+                codes, scales = kern.quantize(w, fmt)
+            assert torch.equal(scales, ref_scales)
+            assert torch.equal(kern.rows(fmt, codes, scales, cols, ids), want)
+            seen.append(codes)
+    assert all(torch.equal(c, seen[0]) for c in seen)
+
+
+def test_quantize_reports_a_non_finite_value_in_a_later_window() -> None:
+    w = torch.randn(4200, 16)
+    w[4150, 3] = float("inf")
+    for isa in ISAS:
+        with native.using(isa, 2), pytest.raises(ValueError, match="NaN or Inf"):
+            load_head_kernel().quantize(w, "int6")

@@ -335,68 +335,12 @@ static inline int lowbit_get(int fmt, const uint8_t *row, int64_t k) {
     return v - head_offset(fmt);
 }
 
-static inline void lowbit_put(int fmt, uint8_t *row, int64_t k, int code) {
-    const int cols = head_block_cols(fmt);
-    uint8_t *blk = row + (k / cols) * head_block_bytes(fmt);
-    int r = (int)(k % cols), j = r % 32, v = code + head_offset(fmt), at = 0;
-    lowbit_pieces L = lowbit_layout(fmt, r / 32);
-    for (int x = 0; x < L.n; x++) {
-        const int m = ((1 << L.p[x].bits) - 1) << L.p[x].shift;
-        uint8_t *b = blk + 32 * L.p[x].vec + j;
-        *b = (uint8_t)((*b & ~m) | (((v >> at) << L.p[x].shift) & m));
-        at += L.p[x].bits;
-    }
-}
-
 static inline float load_src(const void *src, int dt, int64_t i) {
     if (dt == BT_DT_F32) return ((const float *)src)[i];
     if (dt == BT_DT_BF16) return bt_bf16_to_float(((const uint16_t *)src)[i]);
     return bt_half_to_float(((const uint16_t *)src)[i]);
 }
 
-int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int fmt, uint8_t *codes, float *scales,
-                     int release) {
-    int64_t rb = bt_head_row_bytes(fmt, cols);
-    if (!src || !codes || !scales || rows <= 0 || rb < 0 || dtype < 0 || dtype > 2) return -1;
-    const float qmax = fmt == BT_HEAD_I8 ? 127.0f : fmt == BT_HEAD_I6 ? 31.0f : 15.0f;
-    size_t es = dtype == BT_DT_F32 ? 4 : 2;
-    long page = sysconf(_SC_PAGESIZE);
-    uintptr_t done = ((uintptr_t)src + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
-    for (int64_t r = 0; r < rows; r++) {
-        const char *row = (const char *)src + (size_t)r * (size_t)cols * es;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < cols; k++) {
-            float a = fabsf(load_src(row, dtype, k));
-            if (!(a <= 3.4028235e38f)) return -5; /* NaN or Inf in the table */
-            amax = a > amax ? a : amax;
-        }
-        if (amax < 1e-8f) amax = 1e-8f;
-        float sc = amax / qmax;
-        uint8_t *out = codes + r * rb;
-        if (fmt != BT_HEAD_I8) memset(out, 0, (size_t)rb);
-        for (int64_t k = 0; k < cols; k++) {
-            float v = nearbyintf(load_src(row, dtype, k) / sc);
-            int c = (int)(v > qmax ? qmax : (v < -qmax ? -qmax : v));
-            if (fmt == BT_HEAD_I8)
-                out[k] = (uint8_t)(int8_t)c;
-            else
-                lowbit_put(fmt, out, k, c);
-        }
-        if (fmt != BT_HEAD_I8)
-            for (int64_t k = cols; k < rb / head_block_bytes(fmt) * head_block_cols(fmt); k++) lowbit_put(fmt, out, k, 0);
-        scales[r] = sc;
-        if (release && (r % 256 == 255 || r == rows - 1)) {
-            uintptr_t end = (uintptr_t)(row + (size_t)cols * es);
-            uintptr_t upto = end & ~(uintptr_t)(page - 1);
-            if (r == rows - 1) upto = end; /* last page: the mapping is private, dropping re-reads the file */
-            if (upto > done) {
-                madvise((void *)done, (size_t)(upto - done), MADV_DONTNEED);
-                done = upto;
-            }
-        }
-    }
-    return 0;
-}
 
 int bt_head_rows(int fmt, const uint8_t *w, const float *scale, int64_t rows, int64_t K, const int64_t *ids, int64_t n,
                  float *out) {
@@ -608,6 +552,174 @@ AVX2_FN void head_i6_rows_avx2(const head_job *j, int64_t n0, int64_t n1) { lowb
 
 AVX2_FN void head_i5_rows_avx2(const head_job *j, int64_t n0, int64_t n1) { lowbit_rows(j, n0, n1, 160, 16, i5_block); }
 #endif
+
+/* ------------------------------------------------------------------------------------------------
+ * head: quantisation. Rows go to the pool in chunks; each row is computed alone (absmax scale, then
+ * code = clamp(nearbyint(w / scale))), so the table does not depend on the threads or the ISA.
+ */
+
+/* one row's absmax scale and int8 codes; -5: NaN or Inf in the row */
+static int head_row_codes_generic(const char *row, int dtype, int64_t cols, float qmax, int8_t *codes, float *scale) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < cols; k++) {
+        float a = fabsf(load_src(row, dtype, k));
+        if (!(a <= 3.4028235e38f)) return -5;
+        amax = a > amax ? a : amax;
+    }
+    if (amax < 1e-8f) amax = 1e-8f;
+    const float sc = amax / qmax;
+    for (int64_t k = 0; k < cols; k++) {
+        float v = nearbyintf(load_src(row, dtype, k) / sc);
+        codes[k] = (int8_t)(int)(v > qmax ? qmax : (v < -qmax ? -qmax : v));
+    }
+    *scale = sc;
+    return 0;
+}
+
+#ifdef BT_ENGINE_X86
+/* the same numbers 8 columns at a time (division and round-to-nearest-even as above) */
+AVX2_FN int head_row_codes_avx2(const char *row, int dtype, int64_t cols, float qmax, int8_t *codes, float *scale) {
+    const int dt = dtype == BT_DT_F32 ? BT_KV_F32 : dtype == BT_DT_F16 ? BT_KV_F16 : BT_KV_BF16;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.4028235e38f);
+    const int64_t c8 = cols / 8 * 8;
+    __m256 vmax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < c8; k += 8) {
+        const __m256 a = _mm256_and_ps(load8_kv_avx2(row, dt, k), absmask);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_LE_OQ)) != 0xff) return -5;
+        vmax = _mm256_max_ps(vmax, a);
+    }
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, vmax);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (int64_t k = c8; k < cols; k++) {
+        float a = fabsf(load_src(row, dtype, k));
+        if (!(a <= 3.4028235e38f)) return -5;
+        amax = a > amax ? a : amax;
+    }
+    if (amax < 1e-8f) amax = 1e-8f;
+    const float sc = amax / qmax;
+    const __m256 vsc = _mm256_set1_ps(sc), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+    for (int64_t k = 0; k < c8; k += 8) {
+        __m256 v = _mm256_round_ps(_mm256_div_ps(load8_kv_avx2(row, dt, k), vsc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i c = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64((__m128i *)(codes + k), _mm_packs_epi16(w, w));
+    }
+    for (int64_t k = c8; k < cols; k++) {
+        float v = nearbyintf(load_src(row, dtype, k) / sc);
+        codes[k] = (int8_t)(int)(v > qmax ? qmax : (v < -qmax ? -qmax : v));
+    }
+    *scale = sc;
+    return 0;
+}
+#endif
+
+/* a row's codes into its stored bytes (int8: as they are; 5/6-bit: v = code + offset packed per block as
+ * the header comment lays out, padding columns code 0) */
+static void head_store_codes(int fmt, const int8_t *codes, int64_t cols, int64_t rb, uint8_t *out) {
+    if (fmt == BT_HEAD_I8) {
+        memcpy(out, codes, (size_t)cols);
+        return;
+    }
+    const int bc = head_block_cols(fmt), bb = head_block_bytes(fmt), off = head_offset(fmt);
+    uint8_t v[256];
+    for (int64_t blk = 0; blk < rb / bb; blk++) {
+        for (int i = 0; i < bc; i++) {
+            const int64_t k = blk * bc + i;
+            v[i] = (uint8_t)(off + (k < cols ? codes[k] : 0));
+        }
+        uint8_t *b = out + blk * bb;
+        memset(b, 0, (size_t)bb);
+        for (int i = 0; i < bc / 32; i++) {
+            const lowbit_pieces L = lowbit_layout(fmt, i);
+            int at = 0;
+            for (int x = 0; x < L.n; x++) {
+                uint8_t *dst = b + 32 * L.p[x].vec;
+                const int m = (1 << L.p[x].bits) - 1, sh = L.p[x].shift;
+                for (int j = 0; j < 32; j++) dst[j] = (uint8_t)(dst[j] | (((v[32 * i + j] >> at) & m) << sh));
+                at += L.p[x].bits;
+            }
+        }
+    }
+}
+
+typedef struct {
+    const char *src;
+    int dtype, fmt, avx2;
+    float qmax;
+    int64_t cols, rb, r1, chunk;
+    size_t es;
+    uint8_t *codes;
+    float *scales;
+    _Atomic int64_t next;
+    _Atomic int err;
+} head_quant_job;
+
+static void head_quant_task(void *ctx, int tid, int n) {
+    head_quant_job *j = (head_quant_job *)ctx;
+    BT_UNUSED(tid);
+    BT_UNUSED(n);
+    int8_t *tmp = (int8_t *)malloc((size_t)j->cols);
+    if (!tmp) {
+        atomic_store(&j->err, -4);
+        return;
+    }
+    for (;;) {
+        const int64_t a = atomic_fetch_add(&j->next, j->chunk);
+        if (a >= j->r1 || atomic_load(&j->err)) break;
+        const int64_t b = a + j->chunk < j->r1 ? a + j->chunk : j->r1;
+        for (int64_t r = a; r < b; r++) {
+            const char *row = j->src + (size_t)r * (size_t)j->cols * j->es;
+            int rc;
+#ifdef BT_ENGINE_X86
+            if (j->avx2)
+                rc = head_row_codes_avx2(row, j->dtype, j->cols, j->qmax, tmp, j->scales + r);
+            else
+#endif
+                rc = head_row_codes_generic(row, j->dtype, j->cols, j->qmax, tmp, j->scales + r);
+            if (rc) {
+                atomic_store(&j->err, rc);
+                break;
+            }
+            head_store_codes(j->fmt, tmp, j->cols, j->rb, j->codes + r * j->rb);
+        }
+    }
+    free(tmp);
+}
+
+/* Rows per window: after each window the source pages it covered are dropped (release) */
+#define BT_HEAD_QUANT_WINDOW 4096
+
+int bt_head_quantize(const void *src, int dtype, int64_t rows, int64_t cols, int fmt, uint8_t *codes, float *scales,
+                     int release) {
+    int64_t rb = bt_head_row_bytes(fmt, cols);
+    if (!src || !codes || !scales || rows <= 0 || rb < 0 || dtype < 0 || dtype > 2) return -1;
+    head_quant_job j = {.src = (const char *)src, .dtype = dtype, .fmt = fmt, .avx2 = use_avx2(), .cols = cols,
+                        .rb = rb, .chunk = 64, .es = dtype == BT_DT_F32 ? 4 : 2, .codes = codes, .scales = scales,
+                        .qmax = fmt == BT_HEAD_I8 ? 127.0f : fmt == BT_HEAD_I6 ? 31.0f : 15.0f};
+    atomic_store(&j.err, 0);
+    int n = bt_get_threads();
+    if (n < 1) n = 1;
+    const long page = sysconf(_SC_PAGESIZE);
+    uintptr_t done = ((uintptr_t)src + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
+    for (int64_t w0 = 0; w0 < rows; w0 += BT_HEAD_QUANT_WINDOW) {
+        j.r1 = w0 + BT_HEAD_QUANT_WINDOW < rows ? w0 + BT_HEAD_QUANT_WINDOW : rows;
+        atomic_store(&j.next, w0);
+        bt_parallel(head_quant_task, &j, n);
+        const int err = atomic_load(&j.err);
+        if (err) return err;
+        if (release) {
+            const uintptr_t end = (uintptr_t)(j.src + (size_t)j.r1 * (size_t)cols * j.es);
+            /* the last page only at the end: the mapping is private, dropping re-reads the file */
+            const uintptr_t upto = j.r1 == rows ? end : end & ~(uintptr_t)(page - 1);
+            if (upto > done) {
+                madvise((void *)done, (size_t)(upto - done), MADV_DONTNEED);
+                done = upto;
+            }
+        }
+    }
+    return 0;
+}
 
 static void head_task(void *ctx, int tid, int n) {
     head_job *j = (head_job *)ctx;
