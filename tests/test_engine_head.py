@@ -191,6 +191,22 @@ def test_attend_long_context_same_on_any_thread_count(kv_dtype: torch.dtype) -> 
     assert torch.allclose(out, (att[:, None, :] @ v)[:, 0].reshape(-1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pos", [0, 1, 30, 31, 32, 63, 64, 100])
+def test_attend_value_blocks_at_every_boundary(pos: int) -> None:
+    """Positions around the value pass's 32-row blocks (and the key pass's row pairs): the torch reference."""
+    H, KVH, hd, max_len = 8, 2, 32, 128
+    g = torch.Generator().manual_seed(100 + pos)
+    qkv = torch.randn((H + 2 * KVH) * hd, generator=g)
+    cos, sin = torch.ones(hd), torch.zeros(hd)
+    for isa in ISAS:
+        out, kc, vc = _attend(isa, qkv, H, KVH, hd, pos, cos, sin, torch.float16, max_len)
+        q = qkv[: H * hd].reshape(H, hd)
+        k = kc[:, : pos + 1].float().repeat_interleave(H // KVH, 0)
+        v = vc[:, : pos + 1].float().repeat_interleave(H // KVH, 0)
+        att = torch.softmax((q[:, None, :] @ k.transpose(1, 2))[:, 0] / hd**0.5, -1)
+        assert torch.allclose(out, (att[:, None, :] @ v)[:, 0].reshape(-1), rtol=1e-4, atol=1e-5), isa
+
+
 def test_attend_rejects_bad_arguments() -> None:
     kern = load_head_kernel()
     buf = torch.zeros(64)

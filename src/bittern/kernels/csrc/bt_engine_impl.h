@@ -244,6 +244,9 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 exp
 #define BT_ATTEND_PF_ROWS 8 /* key rows prefetched ahead (2 KB for float16 rows of 128) */
 #endif
 
+#ifndef BT_ATTEND_VBLOCK
+#define BT_ATTEND_VBLOCK 32 /* value rows per block of the weighted sum (8 KB of float16 rows of 128) */
+#endif
 #ifndef BT_ATTEND_PARALLEL_MIN
 #define BT_ATTEND_PARALLEL_MIN 65536 /* positions x heads x head size: below, one thread (~10 us of work) */
 #endif
@@ -288,31 +291,42 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_tile_avx2(const atte
     const int nh = (g + 1) * rep - h0 < 4 ? (int)((g + 1) * rep - h0) : 4;
     const float *qh[4];
     for (int j = 0; j < 4; j++) qh[j] = q + (h0 + (j < nh ? j : 0)) * hd;
-    /* scores: one key row against nh query heads. The cache rows come from DRAM (each token's weight
-     * stream evicts them): prefetch keys BT_ATTEND_PF_ROWS rows ahead, and each value row while its key
-     * is read, so the value pass below finds them in cache. */
+    /* scores: key rows against nh query heads, two rows per step (eight independent FMA chains: one row's
+     * four chains of hd / 8 dependent FMAs kept the loop at latency; each row's sums keep their order).
+     * The cache rows come from DRAM (each token's weight stream evicts them): prefetch keys
+     * BT_ATTEND_PF_ROWS rows ahead, and each value row while its key is read. */
     const size_t row_bytes = (size_t)hd * es;
-    for (int64_t p = 0; p < S; p++) {
-        const char *kr = kb + (size_t)p * row_bytes;
-        for (size_t o = 0; o < row_bytes; o += 64) {
-            if (p + BT_ATTEND_PF_ROWS < S) _mm_prefetch(kr + BT_ATTEND_PF_ROWS * row_bytes + o, _MM_HINT_T0);
+    for (int64_t p = 0; p < S; p += 2) {
+        const int two = p + 1 < S;
+        const char *kr = kb + (size_t)p * row_bytes, *kr2 = two ? kr + row_bytes : kr;
+        for (size_t o = 0; o < (two ? 2 : 1) * row_bytes; o += 64) {
+            if (p + BT_ATTEND_PF_ROWS + 1 < S) _mm_prefetch(kr + BT_ATTEND_PF_ROWS * row_bytes + o, _MM_HINT_T0);
             _mm_prefetch(vb + (size_t)p * row_bytes + o, _MM_HINT_T0);
         }
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t i = 0; i < hd; i += 8) {
-            __m256 kv = load8_kv_avx2(kr, dt, i);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[0] + i), kv, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[1] + i), kv, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[2] + i), kv, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[3] + i), kv, a3);
+            const __m256 kv = load8_kv_avx2(kr, dt, i), kv2 = load8_kv_avx2(kr2, dt, i);
+            const __m256 q0 = _mm256_loadu_ps(qh[0] + i), q1 = _mm256_loadu_ps(qh[1] + i);
+            const __m256 q2 = _mm256_loadu_ps(qh[2] + i), q3 = _mm256_loadu_ps(qh[3] + i);
+            a0 = _mm256_fmadd_ps(q0, kv, a0);
+            a1 = _mm256_fmadd_ps(q1, kv, a1);
+            a2 = _mm256_fmadd_ps(q2, kv, a2);
+            a3 = _mm256_fmadd_ps(q3, kv, a3);
+            b0 = _mm256_fmadd_ps(q0, kv2, b0);
+            b1 = _mm256_fmadd_ps(q1, kv2, b1);
+            b2 = _mm256_fmadd_ps(q2, kv2, b2);
+            b3 = _mm256_fmadd_ps(q3, kv2, b3);
         }
-        __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
-        __m256 s = _mm256_hadd_ps(s01, s23);
-        __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        float sc[4];
-        if (dt == BT_KV_I8) r = _mm_mul_ps(r, _mm_set1_ps(ks[g * max_len + p]));
-        _mm_storeu_ps(sc, _mm_mul_ps(r, _mm_set1_ps(scale)));
-        for (int j = 0; j < 4; j++) P[j * S8 + p] = sc[j];
+        for (int k = 0; k < 1 + two; k++) {
+            const __m256 s01 = k ? _mm256_hadd_ps(b0, b1) : _mm256_hadd_ps(a0, a1);
+            const __m256 s23 = k ? _mm256_hadd_ps(b2, b3) : _mm256_hadd_ps(a2, a3);
+            const __m256 s = _mm256_hadd_ps(s01, s23);
+            __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            float sc[4];
+            if (dt == BT_KV_I8) r = _mm_mul_ps(r, _mm_set1_ps(ks[g * max_len + p + k]));
+            _mm_storeu_ps(sc, _mm_mul_ps(r, _mm_set1_ps(scale)));
+            for (int j = 0; j < 4; j++) P[j * S8 + p + k] = sc[j];
+        }
     }
     /* softmax per head; the padding up to S8 gets probability 0 */
     float inv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -336,24 +350,44 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_tile_avx2(const atte
         r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
         inv[j] = 1.0f / _mm_cvtss_f32(r);
     }
-    /* out[h] = sum_p P[h][p] * v[p], 16 columns at a time kept in registers for all nh heads */
-    for (int64_t i = 0; i < hd; i += 16) {
-        __m256 o[4][2];
-        for (int j = 0; j < 4; j++) o[j][0] = o[j][1] = _mm256_setzero_ps();
-        for (int64_t p = 0; p < S; p++) {
-            const char *vr = vb + (size_t)p * hd * es;
-            const __m256 v0 = load8_kv_avx2(vr, dt, i), v1 = load8_kv_avx2(vr, dt, i + 8);
-            const float vsp = dt == BT_KV_I8 ? vs[g * max_len + p] : 1.0f;
-            for (int j = 0; j < 4; j++) {
-                const __m256 w = _mm256_set1_ps(P[j * S8 + p] * vsp);
-                o[j][0] = _mm256_fmadd_ps(w, v0, o[j][0]);
-                o[j][1] = _mm256_fmadd_ps(w, v1, o[j][1]);
-            }
+    /* out[h] = sum_p P[h][p] * v[p]. Value rows in blocks of BT_ATTEND_VBLOCK: the 4 heads' weights of the
+     * block's rows are broadcast once into W (they serve every 16-column chunk), the rows stay in L1 while
+     * the chunks pass over them, and the other chunks' running sums wait in A (4 x hd floats after the
+     * scores). Each output sums over p in order, as one pass over all rows would. */
+    float *A = P + 4 * S8;
+    __m256 W[BT_ATTEND_VBLOCK][4];
+    for (int64_t p0 = 0; p0 < S; p0 += BT_ATTEND_VBLOCK) {
+        const int64_t nb = S - p0 < BT_ATTEND_VBLOCK ? S - p0 : BT_ATTEND_VBLOCK;
+        for (int64_t r = 0; r < nb; r++) {
+            const float vsp = dt == BT_KV_I8 ? vs[g * max_len + p0 + r] : 1.0f;
+            for (int j = 0; j < 4; j++) W[r][j] = _mm256_set1_ps(P[j * S8 + p0 + r] * vsp);
         }
-        for (int j = 0; j < nh; j++) {
-            const __m256 f = _mm256_set1_ps(inv[j]);
-            _mm256_storeu_ps(out + (h0 + j) * hd + i, _mm256_mul_ps(o[j][0], f));
-            _mm256_storeu_ps(out + (h0 + j) * hd + i + 8, _mm256_mul_ps(o[j][1], f));
+        for (int64_t i = 0; i < hd; i += 16) {
+            __m256 o[4][2];
+            for (int j = 0; j < 4; j++) {
+                o[j][0] = p0 ? _mm256_loadu_ps(A + j * hd + i) : _mm256_setzero_ps();
+                o[j][1] = p0 ? _mm256_loadu_ps(A + j * hd + i + 8) : _mm256_setzero_ps();
+            }
+            for (int64_t r = 0; r < nb; r++) {
+                const char *vr = vb + (size_t)(p0 + r) * hd * es;
+                const __m256 v0 = load8_kv_avx2(vr, dt, i), v1 = load8_kv_avx2(vr, dt, i + 8);
+                for (int j = 0; j < 4; j++) {
+                    o[j][0] = _mm256_fmadd_ps(W[r][j], v0, o[j][0]);
+                    o[j][1] = _mm256_fmadd_ps(W[r][j], v1, o[j][1]);
+                }
+            }
+            if (p0 + nb < S) {
+                for (int j = 0; j < 4; j++) {
+                    _mm256_storeu_ps(A + j * hd + i, o[j][0]);
+                    _mm256_storeu_ps(A + j * hd + i + 8, o[j][1]);
+                }
+                continue;
+            }
+            for (int j = 0; j < nh; j++) {
+                const __m256 f = _mm256_set1_ps(inv[j]);
+                _mm256_storeu_ps(out + (h0 + j) * hd + i, _mm256_mul_ps(o[j][0], f));
+                _mm256_storeu_ps(out + (h0 + j) * hd + i + 8, _mm256_mul_ps(o[j][1], f));
+            }
         }
     }
 }
@@ -363,7 +397,7 @@ static void attend_task(void *ctx, int tid, int n) {
     BT_UNUSED(tid);
     BT_UNUSED(n);
     /* a thread without score memory takes no tile; the caller (whose buffer is checked first) does the rest */
-    float *P = attend_scores((J->S + 7) / 8 * 8);
+    float *P = attend_scores((J->S + 7) / 8 * 8 + J->hd);
     if (!P) return;
     for (;;) {
         int64_t t = atomic_fetch_add(&J->next, 1);
@@ -380,7 +414,7 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
         attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
         return;
     }
-    if (!attend_scores((pos + 8) / 8 * 8)) { /* out of memory: the slower path needs only the caller's scratch */
+    if (!attend_scores((pos + 8) / 8 * 8 + hd)) { /* out of memory: the slower path needs only the caller's scratch */
         attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
         return;
     }
@@ -412,7 +446,7 @@ static void attend_rows_task(void *ctx, int tid, int n) {
     attend_rows_job *R = (attend_rows_job *)ctx;
     BT_UNUSED(tid);
     BT_UNUSED(n);
-    float *P = attend_scores(R->S8max);
+    float *P = attend_scores(R->S8max + R->jobs[0].hd);
     if (!P) return;
     for (;;) {
         const int64_t i = atomic_fetch_add(&R->next, 1);
@@ -436,7 +470,7 @@ GLUE_FN(int attend_rows)(float *qkv, int64_t ldqkv, int64_t B, const int64_t *ro
     int64_t maxpos = 0;
     for (int64_t b = 0; b < B; b++) maxpos = rows[2 * b + 1] > maxpos ? rows[2 * b + 1] : maxpos;
     const int64_t S8max = (maxpos + 8) / 8 * 8;
-    if (!attend_scores(S8max)) return -1;
+    if (!attend_scores(S8max + hd)) return -1;
     const int64_t rep = H / KVH, tpg = (rep + 3) / 4;
     const int n = bt_get_threads();
     for (int64_t b0 = 0; b0 < B; b0 += BT_ATTEND_ROWS_CHUNK) {
