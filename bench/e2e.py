@@ -272,19 +272,12 @@ def width_step_factor(width: int, target_width: int = 2560, rows: int = 4096) ->
     than at ``width`` (Gaussian rows, seeded): the mean row absmax of one over the other."""
     import torch
 
-    g = torch_generator(0)
+    g = torch.Generator().manual_seed(0)
 
     def mean_absmax(w: int) -> float:
         return float(torch.randn(rows, w, generator=g).abs().amax(dim=1).mean())
 
     return mean_absmax(target_width) / mean_absmax(width)
-
-
-def torch_generator(seed: int) -> "torch.Generator":
-    """A seeded torch random generator."""
-    import torch
-
-    return torch.Generator().manual_seed(seed)
 
 
 def offset_grid_quantize(w: "torch.Tensor", qmax: int, step_scale: float, offsets: "torch.Tensor") -> "torch.Tensor":
@@ -322,7 +315,7 @@ def head_grid_cost(model_dir: str, text_chars: int = 40_000, draws: int = 8, tar
 
     ref = ppl_with(original.to(torch.bfloat16).float())
     factor = width_step_factor(original.shape[1], target_width)
-    g = torch_generator(1)
+    g = torch.Generator().manual_seed(1)
     out: dict = {"tokens": len(ids), "bf16_ppl": ref, "draws": draws, "width": original.shape[1],
                  "target_width": target_width, "target_step_factor": factor, "formats": {}}
     for fmt, qmax in (("int6", 31), ("int5", 15)):

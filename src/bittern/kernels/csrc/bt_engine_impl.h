@@ -254,11 +254,12 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 exp
 static _Thread_local float *tl_scores = NULL;
 static _Thread_local size_t tl_scores_cap = 0;
 
-/* this thread's score rows for up to 4 heads of S8 positions, or NULL when out of memory */
-static float *attend_scores(int64_t S8) {
-    if ((size_t)(4 * S8) > tl_scores_cap) {
+/* this thread's scratch for a tile of up to 4 heads: score rows of S8 positions, then the value pass's
+ * partial sums (hd floats per head); NULL when out of memory */
+static float *attend_scores(int64_t S8, int64_t hd) {
+    if ((size_t)(4 * (S8 + hd)) > tl_scores_cap) {
         free(tl_scores);
-        tl_scores_cap = (size_t)(4 * S8);
+        tl_scores_cap = (size_t)(4 * (S8 + hd));
         tl_scores = (float *)malloc(tl_scores_cap * sizeof(float));
         if (!tl_scores) tl_scores_cap = 0;
     }
@@ -397,7 +398,7 @@ static void attend_task(void *ctx, int tid, int n) {
     BT_UNUSED(tid);
     BT_UNUSED(n);
     /* a thread without score memory takes no tile; the caller (whose buffer is checked first) does the rest */
-    float *P = attend_scores((J->S + 7) / 8 * 8 + J->hd);
+    float *P = attend_scores((J->S + 7) / 8 * 8, J->hd);
     if (!P) return;
     for (;;) {
         int64_t t = atomic_fetch_add(&J->next, 1);
@@ -414,7 +415,7 @@ GLUE_FN(void attend)(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos
         attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
         return;
     }
-    if (!attend_scores((pos + 8) / 8 * 8 + hd)) { /* out of memory: the slower path needs only the caller's scratch */
+    if (!attend_scores((pos + 8) / 8 * 8, hd)) { /* out of memory: the slower path needs only the caller's scratch */
         attend_generic(qkv, H, KVH, hd, pos, cos, sin, kc, vc, ks, vs, dt, max_len, out, scores);
         return;
     }
@@ -446,7 +447,7 @@ static void attend_rows_task(void *ctx, int tid, int n) {
     attend_rows_job *R = (attend_rows_job *)ctx;
     BT_UNUSED(tid);
     BT_UNUSED(n);
-    float *P = attend_scores(R->S8max + R->jobs[0].hd);
+    float *P = attend_scores(R->S8max, R->jobs[0].hd);
     if (!P) return;
     for (;;) {
         const int64_t i = atomic_fetch_add(&R->next, 1);
@@ -470,7 +471,7 @@ GLUE_FN(int attend_rows)(float *qkv, int64_t ldqkv, int64_t B, const int64_t *ro
     int64_t maxpos = 0;
     for (int64_t b = 0; b < B; b++) maxpos = rows[2 * b + 1] > maxpos ? rows[2 * b + 1] : maxpos;
     const int64_t S8max = (maxpos + 8) / 8 * 8;
-    if (!attend_scores(S8max + hd)) return -1;
+    if (!attend_scores(S8max, hd)) return -1;
     const int64_t rep = H / KVH, tpg = (rep + 3) / 4;
     const int n = bt_get_threads();
     for (int64_t b0 = 0; b0 < B; b0 += BT_ATTEND_ROWS_CHUNK) {
