@@ -44,7 +44,8 @@ def test_small_run_writes_rows_and_compares_with_llama_cpp(tmp_path, monkeypatch
     assert {(r["layer"], r["format"]) for r in rows} == {(layer, f) for layer in ("q/o", "k/v", "gate/up", "down")
                                                          for f in ("2bit-r4", "1.67bit-lut")}
     for r in rows:
-        assert r["gemv_s"] > 0 and r["roof_s"] > 0 and r["gemm_s"] > 0 and r["weight_copies"] >= 1
+        assert r["gemv_s"] > 0 and r["roof_s"] > 0 and r["gemm_s"] > 0 and r["gemm_panel_s"] > 0
+        assert r["weight_copies"] >= 1
         assert r["core_gbps"] > 0
         assert r["core_pct"] == pytest.approx(100 * r["gemv_gbps"] / (r["threads"] * r["core_gbps"]))
     comps = rep["llama_cpp"]["comparisons"]

@@ -231,10 +231,10 @@ def _check_products(isa, thread_counts, layout, shapes, gen):
         y_ref = REF.linear(x, w)
         for threads in thread_counts:
             nat.set_threads(threads)
-            for mode in ("gemv", "gemm", "auto"):
+            for mode in ("gemv", "gemm", "tables", "auto"):
                 got = nat.matmul_int32(q, rowsum, w, mode)
                 assert torch.equal(got, acc), (isa, threads, layout, t, n, k, mode)
-            for fn in (nat.gemv, nat.gemm, nat.matmul):
+            for fn in (nat.gemv, nat.gemm, nat.gemm_tables, nat.matmul):
                 assert torch.equal(fn(q, s, rowsum, w), y_ref), (isa, threads, layout, t, n, k, fn.__name__)
 
 
@@ -255,6 +255,28 @@ def test_products_bit_exact_larger(isa, layout):
     # last one unpaired) + 20; 300 = 9 full groups + 12
     shapes = [(1, 1030, 2560), (1, 2100, 2560), (3, 640, 1280), (37, 300, 2600), (130, 40, 6912), (6, 520, 3300)]
     _check_products(isa, [1, 2], layout, shapes, gen)
+
+
+@pytest.mark.parametrize("layout", NATIVE_LAYOUTS)
+def test_table_gemm_tiles_windows_and_items(layout):
+    """The GEMM by tables of token vectors (AVX2): token counts around the 16-token tile, columns around the
+    7-slice int16 window (224 columns) and the 32-column chunk, rows around the 32-row item granule and over
+    several items and decode panels, 1-3 threads; equal to the exact integer product and to the panel GEMM."""
+    if "avx2" not in SIMD:
+        pytest.skip("the table GEMM is an AVX2 kernel")
+    nat.set_isa("avx2")
+    gen = torch.Generator().manual_seed(31)
+    for t, n, k in [(15, 33, 224), (16, 32, 225), (17, 63, 448), (31, 1, 32), (32, 97, 200), (33, 4100, 96),
+                    (48, 2047, 700), (64, 65, 4480)]:
+        codes = _codes(n, k, gen)
+        w = TernaryWeight.from_codes(codes, torch.rand((), generator=gen) + 0.01, layout)
+        x = _acts(t, k, gen)
+        q, s, rowsum = nat.quantize_activations(x)
+        acc = int_matmul(quantize_activation(x)[0], codes)
+        for threads in (1, 2, 3):
+            nat.set_threads(threads)
+            assert torch.equal(nat.matmul_int32(q, rowsum, w, "tables"), acc), (layout, t, n, k, threads)
+            assert torch.equal(nat.gemm_tables(q, s, rowsum, w), nat.gemm(q, s, rowsum, w)), (layout, t, n, k)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -329,7 +351,7 @@ def test_overflow_worst_case(isa, layout):
     assert int(acc[0, 0]) == -128 * k and int(acc[0, 1]) == 128 * k
     for threads in (1, 2):
         nat.set_threads(threads)
-        for mode in ("gemv", "gemm"):
+        for mode in ("gemv", "gemm", "tables"):
             assert torch.equal(nat.matmul_int32(q, rowsum, w, mode), acc), (isa, layout, mode, threads)
             assert torch.equal(nat.matmul_int32(q[:1], rowsum[:1], w, mode), acc[:1]), (isa, layout, mode)
 

@@ -10,8 +10,9 @@ For the linear-layer shapes of 2B4T, 3B, 7B and 70B-shaped models, each packed f
   over threads x core, near 100% means compute-bound, far below means memory-bound);
 * ``torch.nn.functional.linear`` on the same shape in float32 and bfloat16 (``x fp32`` = how many times
   faster the ternary kernel is);
-* prefill GEMM with ``gemm_tokens`` tokens (default 128): G weight-MACs per second (N*K*T / t), and
-  torch float32/bfloat16 on the same shape.
+* prefill GEMM with ``gemm_tokens`` tokens (default 128): G weight-MACs per second (N*K*T / t) of the
+  product ``bt_matmul`` runs at that T (on AVX2 from 32 tokens: the GEMM by tables of token vectors), of
+  the decoded-panel GEMM (``panel``), and torch float32/bfloat16 on the same shape.
 
 Weights are random valid packed bytes. GEMV weights (and torch's) rotate over enough copies to exceed
 ``min_bytes`` (default 96 MB, three times a 32 MB L3), so every call streams from DRAM as a real
@@ -222,12 +223,16 @@ def _bench_shape(
         if xt is not None:
             qg, sg, rsg = nat.quantize_activations(xt)
             outg = torch.empty(gemm_tokens, n)
-            tg = _best(nat.bench_calls([w], qg, sg, rsg, outg, mode="gemm", rounds=reps, cpu_clock=cpu_clock))
+            # the product bt_matmul runs at this T (tables of token vectors on AVX2), and the panel GEMM
+            tg = _best(nat.bench_calls([w], qg, sg, rsg, outg, mode="auto", rounds=reps, cpu_clock=cpu_clock))
+            tp = _best(nat.bench_calls([w], qg, sg, rsg, outg, mode="gemm", rounds=reps, cpu_clock=cpu_clock))
             row.update(
                 {
                     "gemm_tokens": gemm_tokens,
                     "gemm_s": tg,
                     "gemm_gmacs": n * k * gemm_tokens / tg / 1e9,
+                    "gemm_panel_s": tp,
+                    "gemm_panel_gmacs": n * k * gemm_tokens / tp / 1e9,
                     "torch_fp32_gemm_s": torch_t["fp32_gemm"],
                     "torch_bf16_gemm_s": torch_t["bf16_gemm"],
                     "gemm_speedup_vs_fp32": torch_t["fp32_gemm"] / tg if torch_t["fp32_gemm"] else None,
@@ -306,7 +311,7 @@ def block_gemm_rate(rows: list[dict], shape: ModelShape, layout: str, threads: i
 
 _HEADER = (
     f"{'model':5s} {'layer':7s} {'N x K':>12s} {'fmt':11s} {'thr':>3s} | {'GEMV us':>8s} {'Gw/s':>6s} {'GB/s':>6s} "
-    f"{'roof':>6s} {'%roof':>6s} {'core':>6s} {'%core':>6s} {'x fp32':>7s} {'x bf16':>7s} | {'GEMM ms':>8s} {'GMAC/s':>7s} "
+    f"{'roof':>6s} {'%roof':>6s} {'core':>6s} {'%core':>6s} {'x fp32':>7s} {'x bf16':>7s} | {'GEMM ms':>8s} {'GMAC/s':>7s} {'panel':>6s} "
     f"{'x fp32':>7s} {'x bf16':>7s}"
 )
 
@@ -324,7 +329,8 @@ def _format_row(r: dict) -> str:
     )
     if "gemm_s" in r:
         line += (
-            f" {r['gemm_s'] * 1e3:8.2f} {r['gemm_gmacs']:7.1f} {_fmt(r['gemm_speedup_vs_fp32'], '7.2f')} "
+            f" {r['gemm_s'] * 1e3:8.2f} {r['gemm_gmacs']:7.1f} {_fmt(r.get('gemm_panel_gmacs'), '6.1f')} "
+            f"{_fmt(r['gemm_speedup_vs_fp32'], '7.2f')} "
             f"{_fmt(r['gemm_speedup_vs_bf16'], '7.2f')}"
         )
     return line

@@ -60,7 +60,7 @@ import torch
 
 from ..pack import TernaryWeight, get_layout
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 FORMATS = {"2bit-r4": 0, "1.6bit-r4": 1, "1.67bit-lut": 2}
 """Native layouts and their format ids in the C API."""
 NATIVE_LAYOUT = {"2bit": "2bit-r4", "2bit-r4": "2bit-r4", "1.6bit": "1.6bit-r4", "1.6bit-r4": "1.6bit-r4",
@@ -408,11 +408,22 @@ def gemm(
     return _matmul(2, q, s, rowsum, weight, out)
 
 
+def gemm_tables(
+    q: torch.Tensor, s: torch.Tensor, rowsum: torch.Tensor, weight: TernaryWeight, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Prefill product by tables of token vectors (one add per 4 weights x 16 tokens); same result as
+    :func:`matmul`. Where the kernel set has no tables (scalar, NEON) it runs :func:`gemm`.
+
+    :func:`matmul` uses it from 32 tokens up (``BITTERN_TABLE_GEMM_MIN_T``; 0 turns it off).
+    """
+    return _matmul(3, q, s, rowsum, weight, out)
+
+
 def matmul_int32(
     q: torch.Tensor, rowsum: torch.Tensor, weight: TernaryWeight, mode: str = "auto", out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The exact int32 accumulators ``q @ codes^T`` (``rowsum`` must be the row sums of ``q``); for tests."""
-    return _matmul({"auto": 0, "gemv": 1, "gemm": 2}[mode], q, None, rowsum, weight, out, int32=True)
+    return _matmul({"auto": 0, "gemv": 1, "gemm": 2, "tables": 3}[mode], q, None, rowsum, weight, out, int32=True)
 
 
 def matmul_many(
@@ -495,7 +506,7 @@ def bench_calls(
     times = (ctypes.c_double * rounds)()
     T = q.shape[0]
     rc = lib.bt_bench(
-        (1 if read else 0) | (2 if cpu_clock else 0), {"auto": 0, "gemv": 1, "gemm": 2}[mode], m.fmt,
+        (1 if read else 0) | (2 if cpu_clock else 0), {"auto": 0, "gemv": 1, "gemm": 2, "tables": 3}[mode], m.fmt,
         ptrs, len(metas), m.N, m.K,
         q.data_ptr(), q.stride(0), rowsum.data_ptr(), s.data_ptr(), T, m.gamma, out.data_ptr(), out.stride(0),
         int(prefetch_bytes), rounds, times,

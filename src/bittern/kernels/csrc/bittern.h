@@ -76,7 +76,8 @@ BT_API int bt_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int8
                      const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
                      int64_t ldy);
 
-/* Like bt_matmul but forces the kernel: mode 0 = auto, 1 = GEMV (any T), 2 = GEMM (panel decode). */
+/* Like bt_matmul but forces the kernel: mode 0 = auto, 1 = GEMV (any T), 2 = GEMM (panel decode), 3 = GEMM
+ * by tables of token vectors (the panel GEMM where the ISA has no tables). Same result in every mode. */
 BT_API int bt_matmul_mode(int mode, int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t *q, int64_t ldq,
                           const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y, int32_t *yi,
                           int64_t ldy);

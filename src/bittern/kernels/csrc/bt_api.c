@@ -13,7 +13,7 @@
 #include <sys/auxv.h>
 #endif
 
-#define BT_ABI_VERSION 6
+#define BT_ABI_VERSION 7
 
 static const bt_kernels *g_kern = &bt_kernels_scalar;
 static int g_isa = BT_ISA_SCALAR;
@@ -23,6 +23,9 @@ static int g_threads = 1;
  * crossovers on Zen 3 (2560x2560, 1 thread): ~12-16 tokens for 2bit-r4, ~5 for 1.6bit-r4. */
 static int g_gemv_max_t[3] = {12, 4, 1}; /* 1.67bit-lut: tables are per token, so GEMM from 2 tokens */
 static int64_t g_panel_bytes = 192 * 1024; /* decoded weight panel per thread (fits in L2) */
+/* T >= this (and above the GEMV range): the GEMM by tables of token vectors where the ISA has it
+ * (see bt_avx2.c), else the panel GEMM. */
+static int g_table_gemm_min_t = 32; /* Zen 3: from 16 tokens on whole tiles, ~32 on partial ones */
 /* GEMV work item: weight bytes a thread takes at a time (capped at 1/4 of a thread's fair share).
  * Measured on 2 threads: 32 KB items reach ~80-88% of the streaming-read roofline, 128 KB ~88-98%
  * (each new item restarts the prefetch stream); 512 KB a further 1-4% on the 2B4T gate/up shape (six
@@ -146,6 +149,8 @@ __attribute__((constructor)) static void bt_init(void) {
     if (e && atoi(e) > 0) g_gemv_max_t[0] = g_gemv_max_t[1] = g_gemv_max_t[2] = atoi(e);
     e = getenv("BITTERN_GEMV_ITEM_KB");
     if (e && atoi(e) > 0) g_item_bytes = (int64_t)atoi(e) * 1024;
+    e = getenv("BITTERN_TABLE_GEMM_MIN_T");
+    if (e && *e) g_table_gemm_min_t = atoi(e) > 0 ? atoi(e) : 1 << 30; /* 0: never */
     e = getenv("BITTERN_PANEL_KB");
     if (e && atoi(e) > 0) g_panel_bytes = (int64_t)atoi(e) * 1024;
 }
@@ -230,7 +235,7 @@ typedef struct {
     int64_t chunk;      /* groups per work item */
     int64_t panel_rows; /* GEMM: decoded rows per panel */
     int64_t panel_k;    /* GEMM: decoded panel width (Kp, or for 1.67bit-lut Kp rounded up to 32) */
-    int mode;           /* 1 GEMV, 2 GEMM */
+    int mode;           /* 1 GEMV, 2 panel GEMM, 3 GEMM by tables */
     int nthreads;       /* threads the product is split over */
     _Atomic int64_t next; /* next work item (dynamic schedule: a thread that is descheduled on a
                              busy machine simply takes fewer items) */
@@ -263,15 +268,35 @@ static void gemm_task(void *ctx, int tid, int n) {
     BT_UNUSED(tid);
     BT_UNUSED(n);
     uint8_t *D = NULL;
+    const int64_t item_rows = j->chunk * BT_GROUP;
     for (;;) {
         int64_t g0 = atomic_fetch_add(&j->next, j->chunk);
         if (g0 >= j->ngroups) break;
-        if (!D) D = scratch((size_t)(j->panel_rows * j->panel_k));
+        /* tables: the item's pattern offsets after the decoded panel */
+        if (!D)
+            D = scratch((size_t)(j->panel_rows * j->panel_k) +
+                        (j->mode == 3 ? 2 * (size_t)bt_tg_offsets(item_rows, j->panel_k) : 0));
         if (!D) {
             atomic_store(&j->failed, 1);
             return;
         }
         int64_t p = g0 * BT_GROUP;
+        if (j->mode == 3) {
+            bt_mm m = j->m;
+            m.Kp = j->panel_k;
+            const int64_t R = j->m.N - p < item_rows ? j->m.N - p : item_rows;
+            uint16_t *off = (uint16_t *)(void *)(D + j->panel_rows * j->panel_k);
+            for (int64_t sub = 0; sub < R; sub += j->panel_rows) {
+                const int64_t np = R - sub < j->panel_rows ? R - sub : j->panel_rows;
+                if (j->m.fmt == BT_FMT_1P67BIT_LUT)
+                    bt_lut_decode(&j->m, p + sub, np, D, j->panel_k, j->k->panel_pairs, j->k);
+                else
+                    j->k->decode(&j->m, p + sub, np, D);
+                j->k->tg_convert(D, np, j->panel_k, off, R, sub);
+            }
+            if (j->k->tg_gemm(&m, p, R, off)) atomic_store(&j->failed, 1);
+            continue;
+        }
         int64_t np = j->m.N - p < j->panel_rows ? j->m.N - p : j->panel_rows;
         if (j->m.fmt == BT_FMT_1P67BIT_LUT) {
             /* the panel is Kd = Kp rounded up to 32 columns wide (the GEMM works in 32-column slices) */
@@ -332,6 +357,7 @@ static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N,
                       int64_t ldq, const int32_t *rowsum, const float *s, int64_t T, float gamma, float *y,
                       int32_t *yi, int64_t ldy, float *f) {
     if (fmt != BT_FMT_2BIT_R4 && fmt != BT_FMT_1P6BIT_R4 && fmt != BT_FMT_1P67BIT_LUT) return -2;
+    if (mode < 0 || mode > 3) return -1;
     if (!w || !q || !rowsum || (!y && !yi) || (y && !s) || N <= 0 || K <= 0 || T < 0 || ldy < N) return -1;
     int64_t Kp = bt_padded_k(fmt, K);
     if (ldq < Kp) return -3;
@@ -356,8 +382,9 @@ static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N,
     j->m.ldy = ldy;
     j->k = g_kern;
     j->panel_k = Kd;
-    if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : 2;
-    if (mode == 2 && ldq < Kd && T > 0) return -3; /* the GEMM reads Kd zero-padded activation columns */
+    if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : T >= g_table_gemm_min_t ? 3 : 2;
+    if (mode == 3 && !(g_kern->tg_gemm && g_kern->panel_pairs)) mode = 2; /* tables only where the ISA has them */
+    if (mode >= 2 && ldq < Kd && T > 0) return -3; /* the GEMM reads Kd zero-padded activation columns */
     j->mode = mode;
     j->group = mode == 1 && fmt == BT_FMT_1P67BIT_LUT ? BT_LUT_ROWS : BT_GROUP;
     j->ngroups = (N + j->group - 1) / j->group;
@@ -379,6 +406,18 @@ static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N,
         /* 1.67bit-lut: the AVX2 GEMV reads two 32-row groups per pass (a lone group costs a full pass),
          * so items hold whole pairs */
         if (fmt == BT_FMT_1P67BIT_LUT && (j->chunk & 1) && j->chunk < j->ngroups) j->chunk++;
+    } else if (mode == 3) {
+        /* work items of many rows (each thread builds the tables once per item): two per thread, at least
+         * 512 rows (or the thread's share) and at most 2048; multiples of 32 (whole 1.67bit-lut groups).
+         * Rows are decoded and converted in panels of panel_rows. */
+        int64_t share = (N + n - 1) / n, R = (share + 1) / 2;
+        if (R < 512) R = share < 512 ? share : 512;
+        if (R > 2048) R = 2048;
+        R = (R + BT_LUT_ROWS - 1) / BT_LUT_ROWS * BT_LUT_ROWS;
+        int64_t pr = g_panel_bytes / (Kd < BT_KC_BYTES ? Kd : BT_KC_BYTES) / BT_LUT_ROWS * BT_LUT_ROWS;
+        if (pr < BT_LUT_ROWS) pr = BT_LUT_ROWS;
+        j->panel_rows = pr < R ? pr : R;
+        j->chunk = R / BT_GROUP;
     } else {
         /* one work item per panel of decoded rows (a multiple of the 4-row group); one K chunk of the
          * panel (at most BT_KC_BYTES columns, see the AVX2 GEMM) should fit in L2 */

@@ -1009,6 +1009,239 @@ AVX2 static void gemm_decoded_avx2(const bt_mm *a, int64_t row0, int64_t nrows, 
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * GEMM by tables of token vectors (prefill-sized T; bt_api.c picks it from BITTERN_TABLE_GEMM_MIN_T).
+ *
+ * The codes of 4 consecutive columns of a row form one of 81 patterns, idx = sum_j (c_j + 1) 3^j. For a
+ * tile of 16 tokens and a 32-column chunk, a table holds for each of the chunk's 8 column groups and
+ * each pattern the 16 tokens' sums sum_j c_j q[t, k + j] (int16, |.| <= 4 * 128). A row's product with
+ * the tile is then one 256-bit add per 4 columns (64 MACs) of the table vector at a precomputed byte
+ * offset (uint16 per row and group: (g * 81 + idx) * 32), where the maddubs GEMM needs one maddubs and
+ * one add per 32 MACs and tops out at ~160 G MAC/s on one Zen 3 core. The tables (8 x 81 x 32 bytes =
+ * 20.7 KB) stay in L1 while every row of a work item passes, which shares their cost. int16 sums are
+ * exact for TG_WIDEN chunks (7 x 8 x 512 = 28672 <= 32767), then widen to int32.
+ */
+#define TG_G 8     /* column groups (of 4) per chunk: one 32-column slice */
+#define TG_E 81    /* patterns of 4 ternary codes */
+#define TG_TILE 16 /* tokens per table vector (int16 lanes of a 256-bit register) */
+#define TG_WIDEN BT_TG_WINDOW
+
+/* Offsets of row r (of ldo rows) and slice s: slice-major, so the product reads each slice's offsets of all
+ * rows as one sequential stream. */
+BT_INLINE int64_t tg_off_index(int64_t s, int64_t r, int64_t ldo) { return (s * ldo + r) * TG_G; }
+
+/* Panel rows (decoded codes + 1, pair-interleaved as dslot) to the pattern offsets of item rows r0.. A slice
+ * at a time, so the stores are sequential (the panel is in L2). */
+AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, uint16_t *off, int64_t ldo,
+                                int64_t r0) {
+    const __m256i w13 = _mm256_set1_epi16(0x0301);   /* bytes (1, 3): c0 + 3 c1 per column pair */
+    const __m256i w19 = _mm256_set1_epi32(0x00090001); /* int16 (1, 9): pairs to base-3 index */
+    const __m256i base = _mm256_setr_epi32(0, 81, 162, 243, 324, 405, 486, 567);
+    const __m256i top = _mm256_set1_epi32(TG_E - 1); /* a corrupt 2-bit field (3) must not index past the table */
+    const int64_t nsl = Kd / 32, npairs = nrows / 2;
+    for (int64_t s = 0; s < nsl; s++) {
+        uint16_t *dst = off + tg_off_index(s, r0, ldo);
+        const uint8_t *d = D + 64 * s; /* pair p: rows 2p, 2p + 1 at d + 2 p Kd, + 32 */
+        for (int64_t p = 0; p < npairs; p++, d += 2 * Kd, dst += 2 * TG_G) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)d);
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(d + 32));
+            const __m256i i0 = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, w13), w19), top);
+            const __m256i i1 = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x1, w13), w19), top);
+            const __m256i o0 = _mm256_slli_epi32(_mm256_add_epi32(i0, base), 5);
+            const __m256i o1 = _mm256_slli_epi32(_mm256_add_epi32(i1, base), 5);
+            /* packus per lane: [o0 0-3, o1 0-3 | o0 4-7, o1 4-7] -> [o0 0-7 | o1 0-7] */
+            _mm256_storeu_si256((__m256i *)dst, _mm256_permute4x64_epi64(_mm256_packus_epi32(o0, o1), 0xd8));
+        }
+        if (nrows & 1) { /* a lone last row: slices contiguous */
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(dslot((uint8_t *)D, nrows - 1, nrows, Kd, s)));
+            const __m256i i0 = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, w13), w19), top);
+            const __m256i o0 = _mm256_slli_epi32(_mm256_add_epi32(i0, base), 5);
+            const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(o0, o0), 0xd8);
+            _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(p));
+        }
+    }
+}
+
+/* 16 x 16 int16 transpose in place: x[i] (row i) becomes column i. */
+AVX2_INLINE void transpose16_epi16(__m256i x[16]) {
+    __m256i t[16], u[16];
+    for (int i = 0; i < 8; i++) { /* rows 2i, 2i+1: columns 0-3 | 8-11, 4-7 | 12-15 */
+        t[2 * i] = _mm256_unpacklo_epi16(x[2 * i], x[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi16(x[2 * i], x[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* rows 4i..4i+3: columns (0,1 | 8,9), (2,3 | 10,11), (4,5 | ..), (6,7 | ..) */
+        u[4 * i] = _mm256_unpacklo_epi32(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi32(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi32(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi32(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++) /* rows 8i..8i+7: t[8i + c] = column c | 8 + c */
+        for (int k = 0; k < 4; k++) {
+            t[8 * i + 2 * k] = _mm256_unpacklo_epi64(u[8 * i + k], u[8 * i + 4 + k]);
+            t[8 * i + 2 * k + 1] = _mm256_unpackhi_epi64(u[8 * i + k], u[8 * i + 4 + k]);
+        }
+    for (int c = 0; c < 8; c++) {
+        x[c] = _mm256_permute2x128_si256(t[c], t[8 + c], 0x20);
+        x[8 + c] = _mm256_permute2x128_si256(t[c], t[8 + c], 0x31);
+    }
+}
+
+/* Tables of one tile (tokens q[0..nt) of stride ldq, zeros for the rest) and the 32 columns at col0:
+ * tab[(g * 81 + idx) * 16 + t]. */
+AVX2 static void tg_tables(const int8_t *q, int64_t ldq, int64_t nt, int64_t col0, int16_t *tab) {
+    __m256i lo[TG_TILE], hi[TG_TILE];
+    for (int t = 0; t < TG_TILE; t++) {
+        const __m256i x = t < nt ? _mm256_loadu_si256((const __m256i *)(q + t * ldq + col0)) : _mm256_setzero_si256();
+        lo[t] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x));
+        hi[t] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(x, 1));
+    }
+    transpose16_epi16(lo); /* lo[c]: column c for the 16 tokens; hi[c]: column 16 + c */
+    transpose16_epi16(hi);
+    for (int g = 0; g < TG_G; g++) {
+        const __m256i *A = g < 4 ? lo + 4 * g : hi + 4 * (g - 4);
+        const __m256i a0 = A[0], a1 = A[1], a2 = A[2], a3 = A[3];
+        const __m256i zero = _mm256_setzero_si256(), n0 = _mm256_sub_epi16(zero, a0);
+        /* v[c0 + 3 c1] = (c0 - 1) a0 + (c1 - 1) a1 */
+        const __m256i v[9] = {_mm256_sub_epi16(n0, a1), _mm256_sub_epi16(zero, a1), _mm256_sub_epi16(a0, a1),
+                              n0, zero, a0, _mm256_add_epi16(n0, a1), a1, _mm256_add_epi16(a0, a1)};
+        __m256i *T = (__m256i *)(tab + (int64_t)g * TG_E * TG_TILE);
+        for (int c3 = 0; c3 < 3; c3++) {
+            const __m256i b3 = c3 == 0 ? _mm256_sub_epi16(zero, a3) : c3 == 1 ? zero : a3;
+            for (int c2 = 0; c2 < 3; c2++) {
+                const __m256i b = c2 == 0 ? _mm256_sub_epi16(b3, a2) : c2 == 1 ? b3 : _mm256_add_epi16(b3, a2);
+                __m256i *Tb = T + 9 * (c2 + 3 * c3);
+                for (int i = 0; i < 9; i++) _mm256_store_si256(Tb + i, _mm256_add_epi16(v[i], b));
+            }
+        }
+    }
+}
+
+#define TG_ADD(acc, o) acc = _mm256_add_epi16(acc, _mm256_load_si256((const __m256i *)(tb + (o))))
+
+/* Widens row sums (int16, tokens 0-15) into the int32 pair A[0..1]: added, or stored when init. */
+AVX2_INLINE void tg_widen(__m256i x, __m256i *A, const int init) {
+    const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(x));
+    const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(x, 1));
+    A[0] = init ? lo : _mm256_add_epi32(A[0], lo);
+    A[1] = init ? hi : _mm256_add_epi32(A[1], hi);
+}
+
+/* One chunk (row r's offsets at o + r * TG_G) of R rows against the tables tb, adding the rows'
+ * sums to acc16[r] (first: to zero; last: widened into A[2r..2r+1] instead, init: stored there). The flags
+ * are constants at every call, so each form compiles without the others' work. */
+AVX2_INLINE void tg_rows(const char *tb, const uint16_t *o, int64_t R, __m256i *acc16, __m256i *A, const int first,
+                         const int last, const int init) {
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2, o += 2 * TG_G) {
+        uint64_t w[4]; /* four scalar loads (one 32-byte copy would be forwarded from a vector store) */
+        for (int i = 0; i < 4; i++) memcpy(&w[i], o + 4 * i, 8);
+        __m256i s0 = first ? _mm256_setzero_si256() : acc16[r], s1 = first ? _mm256_setzero_si256() : acc16[r + 1];
+        __m256i u0 = _mm256_setzero_si256(), u1 = u0;
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const uint64_t x0 = w[h], x1 = w[2 + h];
+            TG_ADD(s0, x0 & 0xffff);
+            TG_ADD(u0, (x0 >> 16) & 0xffff);
+            TG_ADD(s1, x1 & 0xffff);
+            TG_ADD(u1, (x1 >> 16) & 0xffff);
+            TG_ADD(s0, (x0 >> 32) & 0xffff);
+            TG_ADD(u0, x0 >> 48);
+            TG_ADD(s1, (x1 >> 32) & 0xffff);
+            TG_ADD(u1, x1 >> 48);
+        }
+        s0 = _mm256_add_epi16(s0, u0);
+        s1 = _mm256_add_epi16(s1, u1);
+        if (last) {
+            tg_widen(s0, A + 2 * r, init);
+            tg_widen(s1, A + 2 * r + 2, init);
+        } else {
+            acc16[r] = s0;
+            acc16[r + 1] = s1;
+        }
+    }
+    if (r < R) {
+        __m256i s0 = first ? _mm256_setzero_si256() : acc16[r];
+        for (int g = 0; g < TG_G; g++) TG_ADD(s0, o[g]);
+        if (last)
+            tg_widen(s0, A + 2 * r, init);
+        else
+            acc16[r] = s0;
+    }
+}
+
+/* the forms of tg_rows (kind: bit 0 first, bit 1 last, bit 2 init) */
+#define TG_ROWS_DEF(name, f, l, i)                                                                             \
+    AVX2 static void name(const char *tb, const uint16_t *o, int64_t R, __m256i *acc16, __m256i *A) {          \
+        tg_rows(tb, o, R, acc16, A, f, l, i);                                                                  \
+    }
+TG_ROWS_DEF(tg_rows_mid, 0, 0, 0)
+TG_ROWS_DEF(tg_rows_first, 1, 0, 0)
+TG_ROWS_DEF(tg_rows_last, 0, 1, 0)
+TG_ROWS_DEF(tg_rows_last_init, 0, 1, 1)
+TG_ROWS_DEF(tg_rows_only, 1, 1, 0)
+TG_ROWS_DEF(tg_rows_only_init, 1, 1, 1)
+typedef void (*tg_rows_fn)(const char *, const uint16_t *, int64_t, __m256i *, __m256i *);
+static const tg_rows_fn TG_ROWS[8] = {tg_rows_mid, tg_rows_first, tg_rows_last, tg_rows_only,
+                                      tg_rows_mid, tg_rows_first, tg_rows_last_init, tg_rows_only_init};
+
+static _Thread_local void *tl_tg = NULL;
+static _Thread_local size_t tl_tg_cap = 0;
+
+/* Rows [row0, row0 + R) for every token, from their pattern offsets (tg_convert_avx2 with ldo = R) over
+ * a->Kp columns (a multiple of 32). Returns 0, or -4 when out of memory. */
+AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off) {
+    const int64_t nsl = a->Kp / 32, ntiles = (a->T + TG_TILE - 1) / TG_TILE;
+    const size_t tab_bytes = (size_t)TG_G * TG_E * 32, acc16_bytes = (size_t)R * 32;
+    const size_t need = tab_bytes + acc16_bytes + (size_t)(ntiles * R) * 64;
+    if (need > tl_tg_cap) {
+        free(tl_tg);
+        tl_tg = aligned_alloc(64, (need + 63) / 64 * 64);
+        tl_tg_cap = tl_tg ? need : 0;
+        if (!tl_tg) return -4;
+    }
+    int16_t *tab = (int16_t *)tl_tg;
+    __m256i *acc16 = (__m256i *)((char *)tl_tg + tab_bytes);
+    __m256i *acc32 = (__m256i *)((char *)tl_tg + tab_bytes + acc16_bytes); /* [tile][row][2] */
+    for (int64_t s0 = 0; s0 < nsl; s0 += TG_WIDEN) {
+        const int64_t s1 = s0 + TG_WIDEN < nsl ? s0 + TG_WIDEN : nsl;
+        for (int64_t tt = 0; tt < ntiles; tt++) {
+            const int64_t t0 = tt * TG_TILE, nt = a->T - t0 < TG_TILE ? a->T - t0 : TG_TILE;
+            __m256i *A = acc32 + 2 * tt * R;
+            for (int64_t s = s0; s < s1; s++) {
+                tg_tables(a->q + t0 * a->ldq, a->ldq, nt, 32 * s, tab);
+                const int kind = (s == s0) | (s == s1 - 1) << 1 | (s0 == 0) << 2;
+                TG_ROWS[kind]((const char *)tab, off + tg_off_index(s, 0, R), R, acc16, A);
+            }
+        }
+    }
+    /* epilogue: y[t, row0 + r] = (float)acc * f[t] (or the raw int32), as bt_store */
+    for (int64_t tt = 0; tt < ntiles; tt++) {
+        const int64_t t0 = tt * TG_TILE, nt = a->T - t0 < TG_TILE ? a->T - t0 : TG_TILE;
+        const __m256i *A = acc32 + 2 * tt * R;
+        if (a->y) {
+            float fv[TG_TILE] = {0};
+            for (int64_t t = 0; t < nt; t++) fv[t] = a->f[t0 + t];
+            const __m256 f0 = _mm256_loadu_ps(fv), f1 = _mm256_loadu_ps(fv + 8);
+            float *y = a->y + t0 * a->ldy + row0;
+            for (int64_t r = 0; r < R; r++) {
+                float v[TG_TILE];
+                _mm256_storeu_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(A[2 * r]), f0));
+                _mm256_storeu_ps(v + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(A[2 * r + 1]), f1));
+                for (int64_t t = 0; t < nt; t++) y[t * a->ldy + r] = v[t];
+            }
+        } else {
+            int32_t *yi = a->yi + t0 * a->ldy + row0;
+            for (int64_t r = 0; r < R; r++) {
+                int32_t v[TG_TILE];
+                _mm256_storeu_si256((__m256i *)v, A[2 * r]);
+                _mm256_storeu_si256((__m256i *)(v + 8), A[2 * r + 1]);
+                for (int64_t t = 0; t < nt; t++) yi[t * a->ldy + r] = v[t];
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
  * memory roofline: a streaming read with AVX2 loads
  */
 AVX2 static uint64_t stream_read_avx2(const uint8_t *p, int64_t n, int64_t prefetch) {
@@ -1041,7 +1274,7 @@ AVX2 static uint64_t stream_read_avx2(const uint8_t *p, int64_t n, int64_t prefe
 
 const bt_kernels bt_kernels_avx2 = {
     "avx2", quantize_row_avx2, gemv_avx2, decode_avx2, gemm_decoded_avx2, stream_read_avx2, gemv_lut_avx2,
-    lut_tables_avx2, 32, 1, lut_decode_block_avx2, lut_decode_group_avx2,
+    lut_tables_avx2, 32, 1, lut_decode_block_avx2, lut_decode_group_avx2, tg_convert_avx2, tg_gemm_avx2,
 };
 
 #else

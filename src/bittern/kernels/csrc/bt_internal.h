@@ -24,6 +24,7 @@
 #define BT_KC_SLICES 108 /* GEMM K chunk in 32-column slices: 4 tokens x 3456 columns stay in L1 */
 #endif
 #define BT_KC_BYTES (32 * BT_KC_SLICES)
+#define BT_TG_WINDOW 7 /* table GEMM: 32-column slices summed in int16 (7 x 32 x 128 = 28672 <= 32767) */
 
 #define BT_UNUSED(x) (void)(x)
 
@@ -61,6 +62,9 @@ BT_INLINE void bt_store(const bt_mm *a, int64_t t, int64_t n, int32_t raw) {
         a->yi[t * a->ldy + n] = acc;
 }
 
+/* Pattern offsets (uint16) of a table-GEMM item of R rows and Kd columns: 8 per row and 32-column slice. */
+BT_INLINE int64_t bt_tg_offsets(int64_t R, int64_t Kd) { return R * (Kd / 32) * 8; }
+
 /* Address of row group g (rows 4g..4g+3) of a *-r4 layout. */
 BT_INLINE const uint8_t *bt_group_ptr(const bt_mm *a, int64_t g) {
     return a->w + g * (int64_t)BT_GROUP * a->row_bytes;
@@ -89,6 +93,12 @@ typedef struct {
     /* decodes all nb blocks of a full group (block b at blk + b * stride) into the pair-interleaved panel,
      * the group's row 0 at dst (an even panel row), rows width bytes long (NULL: per block via tmp) */
     void (*lut_decode_group)(const uint8_t *blk, int64_t stride, int64_t nb, uint8_t *dst, int64_t width);
+    /* GEMM by tables of token vectors (NULL: not on this ISA). tg_convert: nrows decoded panel rows
+     * (pair-interleaved, Kd wide) to the pattern offsets of rows r0.. of an item of ldo rows (uint16,
+     * bt_tg_offsets(ldo, Kd) of them); tg_gemm: rows [row0, row0 + R) of every token from the offsets of
+     * an item of R rows, a->Kp = Kd; returns 0 or -4. */
+    void (*tg_convert)(const uint8_t *D, int64_t nrows, int64_t Kd, uint16_t *off, int64_t ldo, int64_t r0);
+    int (*tg_gemm)(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off);
 } bt_kernels;
 
 extern const bt_kernels bt_kernels_scalar;
