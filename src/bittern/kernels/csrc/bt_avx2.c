@@ -1183,6 +1183,25 @@ typedef void (*tg_rows_fn)(const char *, const uint16_t *, int64_t, __m256i *, _
 static const tg_rows_fn TG_ROWS[8] = {tg_rows_mid, tg_rows_first, tg_rows_last, tg_rows_only,
                                       tg_rows_mid, tg_rows_first, tg_rows_last_init, tg_rows_only_init};
 
+/* 8 x 8 float transpose in place: v[i] (row i) becomes column i. */
+AVX2_INLINE void transpose8_ps(__m256 v[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+        v[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+}
+
 static _Thread_local void *tl_tg = NULL;
 static _Thread_local size_t tl_tg_cap = 0;
 
@@ -1213,28 +1232,44 @@ AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint
             }
         }
     }
-    /* epilogue: y[t, row0 + r] = (float)acc * f[t] (or the raw int32), as bt_store */
+    /* epilogue: y[t, row0 + r] = (float)acc * f[t] (or the raw int32), as bt_store; 8 rows x 8 tokens are
+     * transposed in registers so each token's 8 rows go out in one store */
     for (int64_t tt = 0; tt < ntiles; tt++) {
         const int64_t t0 = tt * TG_TILE, nt = a->T - t0 < TG_TILE ? a->T - t0 : TG_TILE;
         const __m256i *A = acc32 + 2 * tt * R;
-        if (a->y) {
-            float fv[TG_TILE] = {0};
+        float fv[TG_TILE] = {0};
+        if (a->y)
             for (int64_t t = 0; t < nt; t++) fv[t] = a->f[t0 + t];
-            const __m256 f0 = _mm256_loadu_ps(fv), f1 = _mm256_loadu_ps(fv + 8);
-            float *y = a->y + t0 * a->ldy + row0;
-            for (int64_t r = 0; r < R; r++) {
-                float v[TG_TILE];
-                _mm256_storeu_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(A[2 * r]), f0));
-                _mm256_storeu_ps(v + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(A[2 * r + 1]), f1));
-                for (int64_t t = 0; t < nt; t++) y[t * a->ldy + r] = v[t];
+        for (int h = 0; h < 2 && 8 * h < nt; h++) {
+            const __m256 fh = _mm256_loadu_ps(fv + 8 * h);
+            const int64_t nth = nt - 8 * h < 8 ? nt - 8 * h : 8;
+            int64_t r = 0;
+            for (; r + 8 <= R; r += 8) {
+                __m256 v[8];
+                for (int i = 0; i < 8; i++) {
+                    const __m256i x = A[2 * (r + i) + h];
+                    v[i] = a->y ? _mm256_mul_ps(_mm256_cvtepi32_ps(x), fh) : _mm256_castsi256_ps(x);
+                }
+                transpose8_ps(v); /* v[t]: rows r..r+7 of token 8h + t */
+                for (int64_t t = 0; t < nth; t++) {
+                    const int64_t o = (t0 + 8 * h + t) * a->ldy + row0 + r;
+                    if (a->y)
+                        _mm256_storeu_ps(a->y + o, v[t]);
+                    else
+                        _mm256_storeu_si256((__m256i *)(a->yi + o), _mm256_castps_si256(v[t]));
+                }
             }
-        } else {
-            int32_t *yi = a->yi + t0 * a->ldy + row0;
-            for (int64_t r = 0; r < R; r++) {
-                int32_t v[TG_TILE];
-                _mm256_storeu_si256((__m256i *)v, A[2 * r]);
-                _mm256_storeu_si256((__m256i *)(v + 8), A[2 * r + 1]);
-                for (int64_t t = 0; t < nt; t++) yi[t * a->ldy + r] = v[t];
+            for (; r < R; r++) {
+                float v[8];
+                const __m256i x = A[2 * r + h];
+                _mm256_storeu_ps(v, a->y ? _mm256_mul_ps(_mm256_cvtepi32_ps(x), fh) : _mm256_castsi256_ps(x));
+                for (int64_t t = 0; t < nth; t++) {
+                    const int64_t o = (t0 + 8 * h + t) * a->ldy + row0 + r;
+                    if (a->y)
+                        a->y[o] = v[t];
+                    else
+                        memcpy(a->yi + o, v + t, 4);
+                }
             }
         }
     }
