@@ -31,7 +31,7 @@
 #ifndef BT_PF_FAR
 /* a second prefetch of the *-r4 weight streams, into L2 this far ahead: one thread, 2bit-r4 GEMV from
  * DRAM, three alternating rounds of four 2B4T shapes: +2-4% at 8 KB (91 -> 94% of the core's rate),
- * 16 and 32 KB less; neutral on two threads (session 10) */
+ * 16 and 32 KB less; neutral on two threads; the same in the lookup GEMV was not faster (session 10) */
 #define BT_PF_FAR 8192
 #endif
 #if BT_PREFETCH > 0
@@ -417,9 +417,6 @@ AVX2 static void gemv_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
 #ifndef BT_LUT_PREFETCH
 #define BT_LUT_PREFETCH 2048
 #endif
-#ifndef BT_LUT_PF_FAR
-#define BT_LUT_PF_FAR 0 /* a second, L2 prefetch this far ahead: 8 KB was not faster (session 10) */
-#endif
 
 AVX2 static void lut_tables_avx2(const int8_t *q, int64_t Kp, uint8_t *tab) {
     /* entry i of a triple (a0, a1, a2) is c0 a0 + c1 a1 + c2 a2 with the canonical codes of index i */
@@ -483,16 +480,6 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t s
                 _mm_prefetch((const char *)pb + BT_LUT_PREFETCH, _MM_HINT_T0);
                 _mm_prefetch((const char *)pb + BT_LUT_PREFETCH + 64, _MM_HINT_T0);
                 _mm_prefetch((const char *)pb + BT_LUT_PREFETCH + 128, _MM_HINT_T0);
-            }
-#endif
-#if BT_LUT_PF_FAR > 0
-            _mm_prefetch((const char *)pa + BT_LUT_PF_FAR, _MM_HINT_T1);
-            _mm_prefetch((const char *)pa + BT_LUT_PF_FAR + 64, _MM_HINT_T1);
-            _mm_prefetch((const char *)pa + BT_LUT_PF_FAR + 128, _MM_HINT_T1);
-            if (two) {
-                _mm_prefetch((const char *)pb + BT_LUT_PF_FAR, _MM_HINT_T1);
-                _mm_prefetch((const char *)pb + BT_LUT_PF_FAR + 64, _MM_HINT_T1);
-                _mm_prefetch((const char *)pb + BT_LUT_PF_FAR + 128, _MM_HINT_T1);
             }
 #endif
             const uint8_t *t = tab + 256 * b;
