@@ -44,7 +44,8 @@ layout once (``"2bit"`` -> ``"2bit-r4"``, ``"1.6bit"`` -> ``"1.6bit-r4"``).
 Environment: ``BITTERN_THREADS`` (threads per call, default all CPUs), ``BITTERN_KERNEL_ISA``
 (``scalar``/``avx2``/``neon``; default: best available), ``BITTERN_SPIN_US`` (how long idle pool
 threads spin before sleeping, default 2000), ``BITTERN_GEMV_MAX_T`` (largest batch sent to the GEMV
-kernels), ``BITTERN_NATIVE_LIB`` (path of the library to load).
+kernels), ``BITTERN_TABLE_GEMM_MIN_T`` (smallest batch sent to the GEMM by tables, default 32; 0: never),
+``BITTERN_NATIVE_LIB`` (path of the library to load).
 """
 
 from __future__ import annotations
@@ -385,8 +386,9 @@ def matmul(
 ) -> torch.Tensor:
     """``y [T, N] = float32(q @ codes^T) * (gamma / s)``: GEMV kernels for a few tokens, GEMM for more.
 
-    The switch-over (12 tokens for ``"2bit-r4"``, 4 for ``"1.6bit-r4"``, measured on Zen 3) can be
-    overridden with ``BITTERN_GEMV_MAX_T``.
+    The switch-over (12 tokens for ``"2bit-r4"`` and ``"1.67bit-lut"``, 4 for ``"1.6bit-r4"``, measured on
+    Zen 3) can be overridden with ``BITTERN_GEMV_MAX_T``; from 32 tokens the GEMM is :func:`gemm_tables`
+    where the kernel set has it (``BITTERN_TABLE_GEMM_MIN_T``).
     """
     return _matmul(0, q, s, rowsum, weight, out)
 

@@ -18,10 +18,12 @@
 static const bt_kernels *g_kern = &bt_kernels_scalar;
 static int g_isa = BT_ISA_SCALAR;
 static int g_threads = 1;
-/* T <= this: the GEMV kernels (weights streamed once; 2-4 tokens share each decoded weight vector);
- * larger: panel GEMM (decode a panel to bytes once, then the register-blocked microkernel). Measured
- * crossovers on Zen 3 (2560x2560, 1 thread): ~12-16 tokens for 2bit-r4, ~5 for 1.6bit-r4. */
-static int g_gemv_max_t[3] = {12, 4, 1}; /* 1.67bit-lut: tables are per token, so GEMM from 2 tokens */
+/* T <= this: the GEMV kernels (weights streamed once; 2-4 tokens share each decoded weight vector, or
+ * for 1.67bit-lut one table per token); larger: a GEMM. Measured crossovers on Zen 3 (6912x2560 from
+ * DRAM, 1 and 2 threads, session 10): ~12-16 tokens for 2bit-r4 and 1.67bit-lut, ~5 for 1.6bit-r4. (The
+ * lookup layout switched at 2 tokens until session 10, when its GEMV ran 3.6x faster than the GEMM at
+ * 2 tokens and 1.3x at 8.) */
+static int g_gemv_max_t[3] = {12, 4, 12};
 static int64_t g_panel_bytes = 192 * 1024; /* decoded weight panel per thread (fits in L2) */
 /* T >= this (and above the GEMV range): the GEMM by tables of token vectors where the ISA has it
  * (see bt_avx2.c), else the panel GEMM. */
