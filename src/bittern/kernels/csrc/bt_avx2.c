@@ -414,6 +414,9 @@ AVX2 static void gemv_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
  * (no broadcast) were not faster.
  */
 #define BT_LUT_WIDEN 10
+#ifndef BT_LUT_TOKENS
+#define BT_LUT_TOKENS 1 /* several tokens share each group's index and sign decoding (0: token by token) */
+#endif
 #ifndef BT_LUT_PREFETCH
 #define BT_LUT_PREFETCH 2048
 #endif
@@ -514,6 +517,74 @@ AVX2_INLINE void gemv_lut_group2(const uint8_t *pa, const uint8_t *pb, int64_t s
     }
 }
 
+/* Several tokens (TT <= 3, a constant at every call) of one full 32-row group: the indices and sign masks
+ * of each pair of triples are decoded once and looked up in every token's tables (tab + t * per);
+ * out[t][r]: raw sums with the group's counts added, as gemv_lut_group2. Per token and pair of triples
+ * this leaves 16 of LUT_ONE's 23 vector ops. */
+AVX2_INLINE void gemv_lut_tokens(const uint8_t *pa, int64_t stride, const uint8_t *ca, int64_t nb, const uint8_t *tab,
+                                 size_t per, const int TT, int32_t out[][BT_LUT_ROWS]) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
+                                          32, 64, 64, 64, 64, -128, -128, -128, -128);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i s32[3][4];
+    for (int t = 0; t < TT; t++)
+        for (int i = 0; i < 4; i++) s32[t][i] = zero;
+    for (int64_t b0 = 0; b0 < nb; b0 += BT_LUT_WIDEN) {
+        const int64_t b1 = b0 + BT_LUT_WIDEN < nb ? b0 + BT_LUT_WIDEN : nb;
+        __m256i E[3], O[3];
+        for (int t = 0; t < TT; t++) E[t] = O[t] = zero;
+        for (int64_t b = b0; b < b1; b++, pa += stride) {
+#if BT_LUT_PREFETCH > 0
+            _mm_prefetch((const char *)pa + BT_LUT_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)pa + BT_LUT_PREFETCH + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)pa + BT_LUT_PREFETCH + 128, _MM_HINT_T0);
+#endif
+            const int32_t *sw = (const int32_t *)(const void *)(pa + 128);
+#pragma GCC unroll 1
+            for (int k = 0; k < 4; k++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(pa + 32 * k));
+                const __m256i i0 = _mm256_and_si256(x, m15);
+                const __m256i i1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m15);
+                const __m256i m0 = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(sw[2 * k]), bits), bits);
+                const __m256i m1 = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(sw[2 * k + 1]), bits), bits);
+#pragma GCC unroll 3
+                for (int t = 0; t < TT; t++) {
+                    const uint8_t *tk = tab + per * (size_t)t + 256 * b + 64 * k;
+                    const __m256i T0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tk));
+                    const __m256i T1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tk + 16)));
+                    const __m256i T2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tk + 32)));
+                    const __m256i T3 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tk + 48)));
+                    const __m256i l0 = _mm256_xor_si256(_mm256_shuffle_epi8(T0, i0), m0);
+                    const __m256i h0 = _mm256_xor_si256(_mm256_shuffle_epi8(T1, i0), m0);
+                    const __m256i l1 = _mm256_xor_si256(_mm256_shuffle_epi8(T2, i1), m1);
+                    const __m256i h1 = _mm256_xor_si256(_mm256_shuffle_epi8(T3, i1), m1);
+                    E[t] = _mm256_add_epi16(E[t], _mm256_add_epi16(_mm256_unpacklo_epi8(l0, h0), _mm256_unpacklo_epi8(l1, h1)));
+                    O[t] = _mm256_add_epi16(O[t], _mm256_add_epi16(_mm256_unpackhi_epi8(l0, h0), _mm256_unpackhi_epi8(l1, h1)));
+                }
+            }
+        }
+        for (int t = 0; t < TT; t++) {
+            s32[t][0] = _mm256_add_epi32(s32[t][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(E[t])));
+            s32[t][1] = _mm256_add_epi32(s32[t][1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(O[t])));
+            s32[t][2] = _mm256_add_epi32(s32[t][2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(E[t], 1)));
+            s32[t][3] = _mm256_add_epi32(s32[t][3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(O[t], 1)));
+        }
+    }
+    for (int t = 0; t < TT; t++)
+        for (int i = 0; i < 4; i++)
+            _mm256_storeu_si256((__m256i *)(out[t] + 8 * i),
+                                _mm256_add_epi32(s32[t][i], _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(ca + 16 * i)))));
+}
+
+#define LUT_TOKENS_DEF(tt)                                                                                     \
+    AVX2 static void gemv_lut_tokens_##tt(const uint8_t *pa, int64_t stride, const uint8_t *ca, int64_t nb,    \
+                                          const uint8_t *tab, size_t per, int32_t out[][BT_LUT_ROWS]) {        \
+        gemv_lut_tokens(pa, stride, ca, nb, tab, per, tt, out);                                                \
+    }
+LUT_TOKENS_DEF(2)
+LUT_TOKENS_DEF(3)
+
 /* GEMM panel decode of one block of a full group (32 rows x 24 columns), first step: the 24 column vectors
  * (32 rows each: digit c of triple j from a 16-entry table of the canonical codes, 2 - digit where the
  * sign mask is set). */
@@ -596,6 +667,27 @@ AVX2 static void gemv_lut_avx2(const bt_mm *a, int64_t row0, int64_t row1) {
             const uint8_t *pa = bt_lut_block0(a, g), *ca = bt_lut_counts(a, g);
             const int64_t stride = bt_lut_block_stride(a, g);
             const int two = !(g & 1) && stride == 320 && (g + 1) * BT_LUT_ROWS < row1;
+            if (a->T > 1 && BT_LUT_TOKENS) { /* several tokens: each group once per 2-3 tokens */
+                int32_t o[3][BT_LUT_ROWS];
+                for (int h = 0; h <= two; h++) {
+                    const uint8_t *ph = pa + 160 * h, *ch = ca + 64 * h;
+                    for (int64_t t = 0; t < a->T;) {
+                        const int tt = a->T - t == 2 || a->T - t == 4 ? 2 : 3 < a->T - t ? 3 : (int)(a->T - t);
+                        if (tt == 1)
+                            gemv_lut_group2(ph, ph, stride, ch, ch, nb, a->lut + per * (size_t)t, o[0], acc2, 0);
+                        else if (tt == 2)
+                            gemv_lut_tokens_2(ph, stride, ch, nb, a->lut + per * (size_t)t, per, o);
+                        else
+                            gemv_lut_tokens_3(ph, stride, ch, nb, a->lut + per * (size_t)t, per, o);
+                        for (int i = 0; i < tt; i++)
+                            for (int r = 0; r < BT_LUT_ROWS; r++)
+                                bt_store(a, t + i, n0 + BT_LUT_ROWS * h + r, o[i][r] + a->rowsum[t + i]);
+                        t += tt;
+                    }
+                }
+                g += two;
+                continue;
+            }
             for (int64_t t = 0; t < a->T; t++) {
                 if (two)
                     gemv_lut_group2(pa, pa + 160, stride, ca, ca + 64, nb, a->lut + per * (size_t)t, acc, acc2, 1);
