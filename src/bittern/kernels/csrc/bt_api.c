@@ -288,7 +288,11 @@ static void gemm_task(void *ctx, int tid, int n) {
             m.Kp = j->panel_k;
             const int64_t R = j->m.N - p < item_rows ? j->m.N - p : item_rows;
             uint16_t *off = (uint16_t *)(void *)(D + j->panel_rows * j->panel_k);
-            for (int64_t sub = 0; sub < R; sub += j->panel_rows) {
+            int64_t done = 0; /* 1.67bit-lut full groups convert without a panel */
+            if (j->m.fmt == BT_FMT_1P67BIT_LUT && j->k->tg_convert_lut)
+                for (; done + BT_LUT_ROWS <= R && (p + done) / BT_LUT_ROWS < j->m.N / BT_LUT_ROWS; done += BT_LUT_ROWS)
+                    j->k->tg_convert_lut(&j->m, (p + done) / BT_LUT_ROWS, j->panel_k, off, R, done);
+            for (int64_t sub = done; sub < R; sub += j->panel_rows) {
                 const int64_t np = R - sub < j->panel_rows ? R - sub : j->panel_rows;
                 if (j->m.fmt == BT_FMT_1P67BIT_LUT)
                     bt_lut_decode(&j->m, p + sub, np, D, j->panel_k, j->k->panel_pairs, j->k);

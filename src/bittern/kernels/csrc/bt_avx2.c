@@ -1163,6 +1163,63 @@ AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, ui
     }
 }
 
+/* A full 1.67bit-lut group (32 rows) straight to pattern offsets, rows r0..r0+31 of the item (no byte
+ * panel): 4 blocks (96 columns, 3 slices) at a time are decoded to column vectors (lut_block_columns),
+ * each 4-column group's base-3 index is formed on the column vectors (32 rows per vector), and every
+ * slice's 8 index vectors are transposed to rows, widened and stored. Columns past Kp have code 0. */
+AVX2 static void tg_convert_lut_avx2(const bt_mm *a, int64_t g, int64_t Kd, uint16_t *off, int64_t ldo, int64_t r0) {
+    const int64_t nb = a->Kp / BT_BLOCK_LUT, nsl = Kd / 32, stride = bt_lut_block_stride(a, g);
+    const uint8_t *blk = bt_lut_block0(a, g);
+    const __m256i ones = _mm256_set1_epi8(1), zero = _mm256_setzero_si256();
+    const __m256i base = _mm256_setr_epi16(0, 81, 162, 243, 324, 405, 486, 567, 0, 81, 162, 243, 324, 405, 486, 567);
+    for (int64_t set = 0; 3 * set < nsl; set++) {
+        __m256i V[96];
+        for (int i = 0; i < 4; i++) {
+            const int64_t b = 4 * set + i;
+            if (b < nb)
+                lut_block_columns(blk + b * stride, V + 24 * i);
+            else
+                for (int c = 0; c < 24; c++) V[24 * i + c] = ones;
+        }
+        for (int sl = 0; sl < 3 && 3 * set + sl < nsl; sl++) {
+            const int64_t s = 3 * set + sl;
+            __m256i G[8];
+            for (int k = 0; k < 8; k++) { /* idx = c0 + 3 (c1 + 3 (c2 + 3 c3)), codes + 1 of the group's columns */
+                const __m256i *c = V + 32 * sl + 4 * k;
+                __m256i t = c[3];
+                t = _mm256_add_epi8(c[2], _mm256_add_epi8(t, _mm256_add_epi8(t, t)));
+                t = _mm256_add_epi8(c[1], _mm256_add_epi8(t, _mm256_add_epi8(t, t)));
+                G[k] = _mm256_add_epi8(c[0], _mm256_add_epi8(t, _mm256_add_epi8(t, t)));
+            }
+            /* 8 x 32 bytes (group, row) -> 32 rows of 8 bytes; lanes hold rows 0-15 and 16-31 */
+            __m256i A[4], B[4], C[8], D[8];
+            for (int k = 0; k < 4; k++) {
+                A[k] = _mm256_unpacklo_epi8(G[2 * k], G[2 * k + 1]); /* rows 0-7: groups (2k, 2k+1) */
+                B[k] = _mm256_unpackhi_epi8(G[2 * k], G[2 * k + 1]); /* rows 8-15 */
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m256i *X = h ? B : A;
+                C[4 * h] = _mm256_unpacklo_epi16(X[0], X[1]);     /* rows 8h+0..3: groups 0-3 */
+                C[4 * h + 1] = _mm256_unpackhi_epi16(X[0], X[1]); /* rows 8h+4..7: groups 0-3 */
+                C[4 * h + 2] = _mm256_unpacklo_epi16(X[2], X[3]); /* rows 8h+0..3: groups 4-7 */
+                C[4 * h + 3] = _mm256_unpackhi_epi16(X[2], X[3]); /* rows 8h+4..7: groups 4-7 */
+                D[4 * h] = _mm256_unpacklo_epi32(C[4 * h], C[4 * h + 2]);         /* rows 8h+0, 1 */
+                D[4 * h + 1] = _mm256_unpackhi_epi32(C[4 * h], C[4 * h + 2]);     /* rows 8h+2, 3 */
+                D[4 * h + 2] = _mm256_unpacklo_epi32(C[4 * h + 1], C[4 * h + 3]); /* rows 8h+4, 5 */
+                D[4 * h + 3] = _mm256_unpackhi_epi32(C[4 * h + 1], C[4 * h + 3]); /* rows 8h+6, 7 */
+            }
+            for (int i = 0; i < 8; i++) { /* D[i]: rows 2i, 2i + 1 (lane 0) and 16 + 2i, 17 + 2i (lane 1) */
+                const __m256i lo = _mm256_slli_epi16(_mm256_add_epi16(_mm256_unpacklo_epi8(D[i], zero), base), 5);
+                const __m256i hi = _mm256_slli_epi16(_mm256_add_epi16(_mm256_unpackhi_epi8(D[i], zero), base), 5);
+                /* unpack per lane: lo = [row 2i | row 16 + 2i], hi = [row 2i + 1 | row 17 + 2i] */
+                _mm256_storeu_si256((__m256i *)(off + tg_off_index(s, r0 + 2 * i, ldo)), _mm256_permute2x128_si256(lo, hi, 0x20));
+                _mm256_storeu_si256((__m256i *)(off + tg_off_index(s, r0 + 16 + 2 * i, ldo)),
+                                    _mm256_permute2x128_si256(lo, hi, 0x31));
+            }
+        }
+    }
+}
+
 /* 16 x 16 int16 transpose in place: x[i] (row i) becomes column i. */
 AVX2_INLINE void transpose16_epi16(__m256i x[16]) {
     __m256i t[16], u[16];
@@ -1412,6 +1469,7 @@ AVX2 static uint64_t stream_read_avx2(const uint8_t *p, int64_t n, int64_t prefe
 const bt_kernels bt_kernels_avx2 = {
     "avx2", quantize_row_avx2, gemv_avx2, decode_avx2, gemm_decoded_avx2, stream_read_avx2, gemv_lut_avx2,
     lut_tables_avx2, 32, 1, lut_decode_block_avx2, lut_decode_group_avx2, tg_convert_avx2, tg_gemm_avx2,
+    tg_convert_lut_avx2,
 };
 
 #else

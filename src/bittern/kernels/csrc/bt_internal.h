@@ -99,6 +99,9 @@ typedef struct {
      * an item of R rows, a->Kp = Kd; returns 0 or -4. */
     void (*tg_convert)(const uint8_t *D, int64_t nrows, int64_t Kd, uint16_t *off, int64_t ldo, int64_t r0);
     int (*tg_gemm)(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off);
+    /* 1.67bit-lut: full group g (32 rows) to the offsets of item rows r0..r0+31, without a panel (NULL: decode
+     * and tg_convert) */
+    void (*tg_convert_lut)(const bt_mm *a, int64_t g, int64_t Kd, uint16_t *off, int64_t ldo, int64_t r0);
 } bt_kernels;
 
 extern const bt_kernels bt_kernels_scalar;
