@@ -288,7 +288,11 @@ static void gemm_task(void *ctx, int tid, int n) {
             m.Kp = j->panel_k;
             const int64_t R = j->m.N - p < item_rows ? j->m.N - p : item_rows;
             uint16_t *off = (uint16_t *)(void *)(D + j->panel_rows * j->panel_k);
-            int64_t done = 0; /* 1.67bit-lut full groups convert without a panel */
+            int64_t done = 0; /* rows converted without a byte panel: all *-r4 rows, full 1.67bit-lut groups */
+            if (j->m.fmt != BT_FMT_1P67BIT_LUT && j->k->tg_convert_r4) {
+                j->k->tg_convert_r4(&j->m, p, R, off, R, 0);
+                done = R;
+            }
             if (j->m.fmt == BT_FMT_1P67BIT_LUT && j->k->tg_convert_lut)
                 for (; done + BT_LUT_ROWS <= R && (p + done) / BT_LUT_ROWS < j->m.N / BT_LUT_ROWS; done += BT_LUT_ROWS)
                     j->k->tg_convert_lut(&j->m, (p + done) / BT_LUT_ROWS, j->panel_k, off, R, done);

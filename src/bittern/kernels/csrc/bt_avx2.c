@@ -1163,6 +1163,54 @@ AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, ui
     }
 }
 
+/* Pattern offsets of one 32-column slice of one row (codes + 1 in x), as 8 uint16 at dst. */
+AVX2_INLINE void tg_put_slice(__m256i x, uint16_t *dst) {
+    const __m256i w13 = _mm256_set1_epi16(0x0301), w19 = _mm256_set1_epi32(0x00090001);
+    const __m256i base = _mm256_setr_epi32(0, 81, 162, 243, 324, 405, 486, 567);
+    const __m256i top = _mm256_set1_epi32(TG_E - 1);
+    const __m256i i = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x, w13), w19), top);
+    const __m256i o = _mm256_slli_epi32(_mm256_add_epi32(i, base), 5);
+    _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(o, o), 0xd8)));
+}
+
+/* Rows [row0, row0 + nrows) of a *-r4 layout (row0 a multiple of 4) straight to the offsets of item rows
+ * r0.. (no byte panel): each 32-byte block of a row is decoded to its 4 (2 bits) or 5 (1.6 bits) slices
+ * of codes + 1 and each slice converted at once. A group's rows are adjacent in the offsets, so each
+ * slice's stores fill whole lines. */
+AVX2 static void tg_convert_r4_avx2(const bt_mm *a, int64_t row0, int64_t nrows, uint16_t *off, int64_t ldo,
+                                   int64_t r0) {
+    const int is2 = a->fmt == BT_FMT_2BIT_R4;
+    const int nf = is2 ? BT_BLOCK_2B / 32 : BT_BLOCK_1P6 / 32;
+    const int64_t nb = a->Kp / (32 * nf);
+    const __m256i m3 = _mm256_set1_epi8(3);
+    TRITS_DECL
+    for (int64_t r = 0; r < nrows;) {
+        const int64_t g = (row0 + r) / BT_GROUP;
+        const int64_t gr = a->N - g * BT_GROUP < BT_GROUP ? a->N - g * BT_GROUP : BT_GROUP;
+        const int64_t rows_here = gr < nrows - r ? gr : nrows - r;
+        const uint8_t *p = bt_group_ptr(a, g);
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t i = 0; i < rows_here; i++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(p + (b * gr + i) * 32));
+                uint16_t *dst = off + tg_off_index(nf * b, r0 + r + i, ldo);
+                const int64_t sst = tg_off_index(1, 0, ldo); /* next slice */
+                if (is2) {
+                    tg_put_slice(_mm256_and_si256(w, m3), dst);
+                    tg_put_slice(_mm256_and_si256(_mm256_srli_epi16(w, 2), m3), dst + sst);
+                    tg_put_slice(_mm256_and_si256(_mm256_srli_epi16(w, 4), m3), dst + 2 * sst);
+                    tg_put_slice(_mm256_and_si256(_mm256_srli_epi16(w, 6), m3), dst + 3 * sst);
+                } else {
+                    __m256i x = w;
+                    for (int j = 0; j < 5; j++) {
+                        tg_put_slice(trit_of(x, c_lo, c_hi), dst + j * sst);
+                        x = times3(x);
+                    }
+                }
+            }
+        r += rows_here;
+    }
+}
+
 /* A full 1.67bit-lut group (32 rows) straight to pattern offsets, rows r0..r0+31 of the item (no byte
  * panel): 4 blocks (96 columns, 3 slices) at a time are decoded to column vectors (lut_block_columns),
  * each 4-column group's base-3 index is formed on the column vectors (32 rows per vector), and every
@@ -1469,7 +1517,7 @@ AVX2 static uint64_t stream_read_avx2(const uint8_t *p, int64_t n, int64_t prefe
 const bt_kernels bt_kernels_avx2 = {
     "avx2", quantize_row_avx2, gemv_avx2, decode_avx2, gemm_decoded_avx2, stream_read_avx2, gemv_lut_avx2,
     lut_tables_avx2, 32, 1, lut_decode_block_avx2, lut_decode_group_avx2, tg_convert_avx2, tg_gemm_avx2,
-    tg_convert_lut_avx2,
+    tg_convert_lut_avx2, tg_convert_r4_avx2,
 };
 
 #else

@@ -102,6 +102,9 @@ typedef struct {
     /* 1.67bit-lut: full group g (32 rows) to the offsets of item rows r0..r0+31, without a panel (NULL: decode
      * and tg_convert) */
     void (*tg_convert_lut)(const bt_mm *a, int64_t g, int64_t Kd, uint16_t *off, int64_t ldo, int64_t r0);
+    /* *-r4 layouts: rows [row0, row0 + nrows) (row0 a multiple of 4) to the offsets of item rows r0.., without a
+     * panel (NULL: decode and tg_convert) */
+    void (*tg_convert_r4)(const bt_mm *a, int64_t row0, int64_t nrows, uint16_t *off, int64_t ldo, int64_t r0);
 } bt_kernels;
 
 extern const bt_kernels bt_kernels_scalar;

@@ -214,7 +214,7 @@ const bt_kernels bt_kernels_neon = {
     "neon",
 #endif
     quantize_row_neon, gemv_neon, decode_neon, gemm_decoded_neon, stream_read_neon,
-    bt_lut_gemv_scalar, NULL, 0, 0, NULL, NULL, NULL, NULL, NULL, /* 1.67bit-lut: portable C (not tuned for NEON yet) */
+    bt_lut_gemv_scalar, NULL, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, /* 1.67bit-lut: portable C (not tuned for NEON yet) */
 };
 
 #else

@@ -169,5 +169,5 @@ static uint64_t stream_read_scalar(const uint8_t *p, int64_t n, int64_t prefetch
 
 const bt_kernels bt_kernels_scalar = {
     "scalar", quantize_row_scalar, gemv_scalar, decode_scalar, gemm_decoded_scalar, stream_read_scalar,
-    bt_lut_gemv_scalar, NULL, 0, 0, NULL, NULL, NULL, NULL, NULL,
+    bt_lut_gemv_scalar, NULL, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL,
 };
