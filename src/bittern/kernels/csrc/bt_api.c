@@ -19,15 +19,18 @@ static const bt_kernels *g_kern = &bt_kernels_scalar;
 static int g_isa = BT_ISA_SCALAR;
 static int g_threads = 1;
 /* T <= this: the GEMV kernels (weights streamed once; 2-4 tokens share each decoded weight vector, or
- * for 1.67bit-lut one table per token); larger: a GEMM. Measured crossovers on Zen 3 (6912x2560 from
- * DRAM, 1 and 2 threads, session 10): ~12-16 tokens for 2bit-r4 and 1.67bit-lut, ~5 for 1.6bit-r4. (The
- * lookup layout switched at 2 tokens until session 10, when its GEMV ran 3.6x faster than the GEMM at
- * 2 tokens and 1.3x at 8.) */
-static int g_gemv_max_t[3] = {12, 4, 12};
+ * for 1.67bit-lut 2-3 tokens each group's decoded indices); larger: a GEMM. Measured on Zen 3 (6912 x 2560
+ * from DRAM, 1 and 2 threads, session 10): the GEMV runs at ~100 / ~195 G MAC/s (2bit-r4) and ~90 / ~172
+ * (1.67bit-lut) for any T, the GEMM by tables overtakes it at 11-12 tokens (10 for the lookup layout on
+ * two threads), the panel GEMM at ~12-16 (2 bits) and ~16 (lookup); for 1.6bit-r4 the panel GEMM wins
+ * from 5. (The lookup layout switched at 2 tokens until session 10: its panel GEMM ran at 23 G MAC/s
+ * there, a quarter of its GEMV.) */
+static int g_gemv_max_t[3] = {11, 4, 10};
 static int64_t g_panel_bytes = 192 * 1024; /* decoded weight panel per thread (fits in L2) */
 /* T >= this (and above the GEMV range): the GEMM by tables of token vectors where the ISA has it
- * (see bt_avx2.c), else the panel GEMM. */
-static int g_table_gemm_min_t = 32; /* Zen 3: from 16 tokens on whole tiles, ~32 on partial ones */
+ * (see bt_avx2.c), else the panel GEMM. Zen 3, session 10: tables ahead of the panel GEMM by 10-30%
+ * at 11-16 tokens, 25-60% from 24; behind by ~5% only where a 16-token tile is mostly empty (17-20). */
+static int g_table_gemm_min_t = 11;
 /* GEMV work item: weight bytes a thread takes at a time (capped at 1/4 of a thread's fair share).
  * Measured on 2 threads: 32 KB items reach ~80-88% of the streaming-read roofline, 128 KB ~88-98%
  * (each new item restarts the prefetch stream); 512 KB a further 1-4% on the 2B4T gate/up shape (six
