@@ -261,13 +261,15 @@ def test_products_bit_exact_larger(isa, layout):
 def test_table_gemm_tiles_windows_and_items(layout):
     """The GEMM by tables of token vectors (AVX2): token counts around the 16-token tile, columns around the
     7-slice int16 window (224 columns) and the 32-column chunk, rows around the 32-row item granule and over
-    several items and decode panels, 1-3 threads; equal to the exact integer product and to the panel GEMM."""
+    several items (also where the scratch cap splits a thread's rows) and decode panels, 1-3 threads; equal
+    to the exact integer product and to the panel GEMM."""
     if "avx2" not in SIMD:
         pytest.skip("the table GEMM is an AVX2 kernel")
     nat.set_isa("avx2")
     gen = torch.Generator().manual_seed(31)
+    # (16, 1200, 28672): a 70B-wide row caps the item at ~1165 rows of scratch, so two items per thread
     for t, n, k in [(15, 33, 224), (16, 32, 225), (17, 63, 448), (31, 1, 32), (32, 97, 200), (33, 4100, 96),
-                    (48, 2047, 700), (64, 65, 4480)]:
+                    (48, 2047, 700), (64, 65, 4480), (16, 1200, 28672)]:
         codes = _codes(n, k, gen)
         w = TernaryWeight.from_codes(codes, torch.rand((), generator=gen) + 0.01, layout)
         x = _acts(t, k, gen)
