@@ -426,10 +426,11 @@ static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N,
          * decoded and converted in panels of panel_rows. */
         int64_t R = (N + n - 1) / n;
         if (R > 4096) R = 4096;
-        /* per-thread scratch per row: offsets (Kd / 2 bytes) and int32 sums (64 bytes per 16 tokens); at most
-         * ~16 MB (a 70B-shaped 28672-column product would otherwise take 58 MB per thread; 2B4T shapes at
-         * 128 tokens stay in one item) */
-        const int64_t per_row = Kd / 2 + (T + 15) / 16 * 64, cap = ((int64_t)16 << 20) / per_row;
+        /* per-thread scratch per row: offsets (Kd / 2 bytes) and int32 sums (64 bytes per 16 tokens of a block
+         * of BT_TG_BLOCK_TILES tiles); at most ~16 MB (a 70B-shaped 28672-column product would otherwise take
+         * 58 MB per thread; 2B4T shapes stay in one item) */
+        const int64_t tiles = (T + 15) / 16 < BT_TG_BLOCK_TILES ? (T + 15) / 16 : BT_TG_BLOCK_TILES;
+        const int64_t per_row = Kd / 2 + tiles * 64, cap = ((int64_t)16 << 20) / per_row;
         if (R > cap) R = cap > BT_LUT_ROWS ? cap : BT_LUT_ROWS;
         R = (R + BT_LUT_ROWS - 1) / BT_LUT_ROWS * BT_LUT_ROWS;
         int64_t pr = g_panel_bytes / (Kd < BT_KC_BYTES ? Kd : BT_KC_BYTES) / BT_LUT_ROWS * BT_LUT_ROWS;

@@ -1414,24 +1414,16 @@ static _Thread_local size_t tl_tg_cap = 0;
 
 /* Rows [row0, row0 + R) for every token, from their pattern offsets (tg_convert_avx2 with ldo = R) over
  * a->Kp columns (a multiple of 32). Returns 0, or -4 when out of memory. */
-AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off) {
-    const int64_t nsl = a->Kp / 32, ntiles = (a->T + TG_TILE - 1) / TG_TILE;
-    const size_t tab_bytes = (size_t)TG_G * TG_E * 32, acc16_bytes = (size_t)R * 32;
-    const size_t need = tab_bytes + acc16_bytes + (size_t)(ntiles * R) * 64;
-    if (need > tl_tg_cap) {
-        free(tl_tg);
-        tl_tg = aligned_alloc(64, (need + 63) / 64 * 64);
-        tl_tg_cap = tl_tg ? need : 0;
-        if (!tl_tg) return -4;
-    }
-    int16_t *tab = (int16_t *)tl_tg;
-    __m256i *acc16 = (__m256i *)((char *)tl_tg + tab_bytes);
-    __m256i *acc32 = (__m256i *)((char *)tl_tg + tab_bytes + acc16_bytes); /* [tile][row][2] */
+/* Tiles [tb0, tb1) of tokens (at most BT_TG_BLOCK_TILES) for rows [row0, row0 + R): every window of
+ * TG_WIDEN slices adds into the block's int32 sums acc32, then the outputs are written. */
+AVX2 static void tg_token_block(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off, int64_t tb0,
+                                int64_t tb1, int16_t *tab, __m256i *acc16, __m256i *acc32) {
+    const int64_t nsl = a->Kp / 32;
     for (int64_t s0 = 0; s0 < nsl; s0 += TG_WIDEN) {
         const int64_t s1 = s0 + TG_WIDEN < nsl ? s0 + TG_WIDEN : nsl;
-        for (int64_t tt = 0; tt < ntiles; tt++) {
+        for (int64_t tt = tb0; tt < tb1; tt++) {
             const int64_t t0 = tt * TG_TILE, nt = a->T - t0 < TG_TILE ? a->T - t0 : TG_TILE;
-            __m256i *A = acc32 + 2 * tt * R;
+            __m256i *A = acc32 + 2 * (tt - tb0) * R;
             for (int64_t s = s0; s < s1; s++) {
                 tg_tables(a->q + t0 * a->ldq, a->ldq, nt, 32 * s, tab);
                 const int kind = (s == s0) | (s == s1 - 1) << 1 | (s0 == 0) << 2;
@@ -1441,9 +1433,9 @@ AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint
     }
     /* epilogue: y[t, row0 + r] = (float)acc * f[t] (or the raw int32), as bt_store; 8 rows x 8 tokens are
      * transposed in registers so each token's 8 rows go out in one store */
-    for (int64_t tt = 0; tt < ntiles; tt++) {
+    for (int64_t tt = tb0; tt < tb1; tt++) {
         const int64_t t0 = tt * TG_TILE, nt = a->T - t0 < TG_TILE ? a->T - t0 : TG_TILE;
-        const __m256i *A = acc32 + 2 * tt * R;
+        const __m256i *A = acc32 + 2 * (tt - tb0) * R;
         float fv[TG_TILE] = {0};
         if (a->y)
             for (int64_t t = 0; t < nt; t++) fv[t] = a->f[t0 + t];
@@ -1480,6 +1472,27 @@ AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint
             }
         }
     }
+}
+
+AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off) {
+    const int64_t ntiles = (a->T + TG_TILE - 1) / TG_TILE;
+    const int64_t nblk = ntiles < BT_TG_BLOCK_TILES ? ntiles : BT_TG_BLOCK_TILES;
+    const size_t tab_bytes = (size_t)TG_G * TG_E * 32, acc16_bytes = (size_t)R * 32;
+    const size_t need = tab_bytes + acc16_bytes + (size_t)(nblk * R) * 64;
+    if (need > tl_tg_cap) {
+        free(tl_tg);
+        tl_tg = aligned_alloc(64, (need + 63) / 64 * 64);
+        tl_tg_cap = tl_tg ? need : 0;
+        if (!tl_tg) return -4;
+    }
+    int16_t *tab = (int16_t *)tl_tg;
+    __m256i *acc16 = (__m256i *)((char *)tl_tg + tab_bytes);
+    __m256i *acc32 = (__m256i *)((char *)tl_tg + tab_bytes + acc16_bytes); /* [tile of the block][row][2] */
+    /* tokens in blocks of BT_TG_BLOCK_TILES tiles, so the int32 sums of a block stay in cache while every
+     * window widens into them (a 2048-token prompt's sums would otherwise stream from DRAM 12 times) */
+    for (int64_t tb0 = 0; tb0 < ntiles; tb0 += BT_TG_BLOCK_TILES)
+        tg_token_block(a, row0, R, off, tb0, tb0 + BT_TG_BLOCK_TILES < ntiles ? tb0 + BT_TG_BLOCK_TILES : ntiles, tab,
+                       acc16, acc32);
     return 0;
 }
 

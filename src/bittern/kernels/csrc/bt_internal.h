@@ -25,6 +25,7 @@
 #endif
 #define BT_KC_BYTES (32 * BT_KC_SLICES)
 #define BT_TG_WINDOW 7 /* table GEMM: 32-column slices summed in int16 (7 x 32 x 128 = 28672 <= 32767) */
+#define BT_TG_BLOCK_TILES 8 /* table GEMM: 16-token tiles whose int32 sums are kept at once */
 
 #define BT_UNUSED(x) (void)(x)
 
