@@ -1131,38 +1131,6 @@ AVX2 static void gemm_decoded_avx2(const bt_mm *a, int64_t row0, int64_t nrows, 
  * rows as one sequential stream. */
 BT_INLINE int64_t tg_off_index(int64_t s, int64_t r, int64_t ldo) { return (s * ldo + r) * TG_G; }
 
-/* Panel rows (decoded codes + 1, pair-interleaved as dslot) to the pattern offsets of item rows r0.. A slice
- * at a time, so the stores are sequential (the panel is in L2). */
-AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, uint16_t *off, int64_t ldo,
-                                int64_t r0) {
-    const __m256i w13 = _mm256_set1_epi16(0x0301);   /* bytes (1, 3): c0 + 3 c1 per column pair */
-    const __m256i w19 = _mm256_set1_epi32(0x00090001); /* int16 (1, 9): pairs to base-3 index */
-    const __m256i base = _mm256_setr_epi32(0, 81, 162, 243, 324, 405, 486, 567);
-    const __m256i top = _mm256_set1_epi32(TG_E - 1); /* a corrupt 2-bit field (3) must not index past the table */
-    const int64_t nsl = Kd / 32, npairs = nrows / 2;
-    for (int64_t s = 0; s < nsl; s++) {
-        uint16_t *dst = off + tg_off_index(s, r0, ldo);
-        const uint8_t *d = D + 64 * s; /* pair p: rows 2p, 2p + 1 at d + 2 p Kd, + 32 */
-        for (int64_t p = 0; p < npairs; p++, d += 2 * Kd, dst += 2 * TG_G) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)d);
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(d + 32));
-            const __m256i i0 = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, w13), w19), top);
-            const __m256i i1 = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x1, w13), w19), top);
-            const __m256i o0 = _mm256_slli_epi32(_mm256_add_epi32(i0, base), 5);
-            const __m256i o1 = _mm256_slli_epi32(_mm256_add_epi32(i1, base), 5);
-            /* packus per lane: [o0 0-3, o1 0-3 | o0 4-7, o1 4-7] -> [o0 0-7 | o1 0-7] */
-            _mm256_storeu_si256((__m256i *)dst, _mm256_permute4x64_epi64(_mm256_packus_epi32(o0, o1), 0xd8));
-        }
-        if (nrows & 1) { /* a lone last row: slices contiguous */
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(dslot((uint8_t *)D, nrows - 1, nrows, Kd, s)));
-            const __m256i i0 = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x0, w13), w19), top);
-            const __m256i o0 = _mm256_slli_epi32(_mm256_add_epi32(i0, base), 5);
-            const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(o0, o0), 0xd8);
-            _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(p));
-        }
-    }
-}
-
 /* Pattern offsets of one 32-column slice of one row (codes + 1 in x), as 8 uint16 at dst. */
 AVX2_INLINE void tg_put_slice(__m256i x, uint16_t *dst) {
     const __m256i w13 = _mm256_set1_epi16(0x0301), w19 = _mm256_set1_epi32(0x00090001);
@@ -1172,6 +1140,17 @@ AVX2_INLINE void tg_put_slice(__m256i x, uint16_t *dst) {
     const __m256i o = _mm256_slli_epi32(_mm256_add_epi32(i, base), 5);
     _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(o, o), 0xd8)));
 }
+
+/* Panel rows (decoded codes + 1, pair-interleaved as dslot) to the pattern offsets of item rows r0.. (only
+ * the rows of a short last 1.67bit-lut group come this way; the rest convert without a panel). */
+AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, uint16_t *off, int64_t ldo,
+                                int64_t r0) {
+    for (int64_t s = 0; s < Kd / 32; s++)
+        for (int64_t r = 0; r < nrows; r++)
+            tg_put_slice(_mm256_loadu_si256((const __m256i *)dslot((uint8_t *)D, r, nrows, Kd, s)),
+                         off + tg_off_index(s, r0 + r, ldo));
+}
+
 
 /* Rows [row0, row0 + nrows) of a *-r4 layout (row0 a multiple of 4) straight to the offsets of item rows
  * r0.. (no byte panel): each 32-byte block of a row is decoded to its 4 (2 bits) or 5 (1.6 bits) slices
