@@ -274,13 +274,15 @@ static void gemm_task(void *ctx, int tid, int n) {
     BT_UNUSED(n);
     uint8_t *D = NULL;
     const int64_t item_rows = j->chunk * BT_GROUP;
+    /* the byte panel: not needed by the tables where the rows convert without it (*-r4 layouts) */
+    const int64_t panel_bytes =
+        j->mode == 3 && j->m.fmt != BT_FMT_1P67BIT_LUT && j->k->tg_convert_r4 ? 0 : j->panel_rows * j->panel_k;
     for (;;) {
         int64_t g0 = atomic_fetch_add(&j->next, j->chunk);
         if (g0 >= j->ngroups) break;
         /* tables: the item's pattern offsets after the decoded panel */
         if (!D)
-            D = scratch((size_t)(j->panel_rows * j->panel_k) +
-                        (j->mode == 3 ? 2 * (size_t)bt_tg_offsets(item_rows, j->panel_k) : 0));
+            D = scratch((size_t)panel_bytes + (j->mode == 3 ? 2 * (size_t)bt_tg_offsets(item_rows, j->panel_k) : 0));
         if (!D) {
             atomic_store(&j->failed, 1);
             return;
@@ -290,7 +292,7 @@ static void gemm_task(void *ctx, int tid, int n) {
             bt_mm m = j->m;
             m.Kp = j->panel_k;
             const int64_t R = j->m.N - p < item_rows ? j->m.N - p : item_rows;
-            uint16_t *off = (uint16_t *)(void *)(D + j->panel_rows * j->panel_k);
+            uint16_t *off = (uint16_t *)(void *)(D + panel_bytes);
             int64_t done = 0; /* rows converted without a byte panel: all *-r4 rows, full 1.67bit-lut groups */
             if (j->m.fmt != BT_FMT_1P67BIT_LUT && j->k->tg_convert_r4) {
                 j->k->tg_convert_r4(&j->m, p, R, off, R, 0);
