@@ -281,6 +281,53 @@ def test_table_gemm_tiles_windows_and_items(layout):
             assert torch.equal(nat.gemm_tables(q, s, rowsum, w), nat.gemm(q, s, rowsum, w)), (layout, t, n, k)
 
 
+def test_table_gemm_corrupt_weights_stay_inside_the_tables():
+    """Bytes no packer writes must not send the table GEMM outside its tables: a 2-bit field holding 3
+    clamps its 4-column group to the last pattern (all codes +1), and a lookup triple with index 14 or 15
+    reads as zero codes, as in the lookup GEMV and the panel GEMM."""
+    if "avx2" not in SIMD:
+        pytest.skip("the table GEMM is an AVX2 kernel")
+    nat.set_isa("avx2")
+    gen = torch.Generator().manual_seed(37)
+    t, n, k = 20, 37, 300
+    x = _acts(t, k, gen)
+    q, s, rowsum = nat.quantize_activations(x)
+    q_ref = quantize_activation(x)[0]
+    r4 = get_layout("2bit-r4")
+    bad = torch.full((n, r4.packed_cols(k)), 0xFF, dtype=torch.uint8)  # every field 3
+    w = TernaryWeight(bad, torch.tensor(0.5), n, k, "2bit-r4")
+    for threads in (1, 2):
+        nat.set_threads(threads)
+        assert torch.equal(nat.matmul_int32(q, rowsum, w, "tables"), int_matmul(q_ref, torch.ones(n, k, dtype=torch.int8)))
+
+    lut = get_layout("1.67bit-lut")
+    codes = _codes(n, k, gen)
+    # every position of a triple in its 4-triple unit with both bad indices, in the full group and the short last one
+    spots = [(2 * t, t) for t in range(16)] + [(31, 20), (32, 5), (33, 3), (35, 10), (36, 98)]
+    for row, triple in spots:
+        codes[row, 3 * triple : 3 * triple + 3] = 1  # canonical index 13, not negated
+    packed = lut.pack(codes)
+    cols = packed.shape[1]
+    flat = packed.reshape(-1)  # one full group (stored alone), then rows 32..36 one after another
+    zeroed = codes.clone()
+    for row, triple in spots:
+        b, jj = divmod(triple, 8)
+        pos = 160 * b + 32 * (jj // 2) + row if row < 32 else 32 * cols + (row - 32) * cols + 5 * b + jj // 2
+        shift = 4 * (jj % 2)
+        assert (int(flat[pos]) >> shift) & 15 == 13, (row, triple)
+        bad_index = 14 + (triple // 4 + row // 32) % 2
+        flat[pos] = (int(flat[pos]) & ~(15 << shift) & 0xFF) | (bad_index << shift)
+        zeroed[row, 3 * triple : 3 * triple + 3] = 0
+    with pytest.raises(ValueError, match="index"):
+        lut.unpack(packed, k)
+    w = TernaryWeight(packed, torch.tensor(0.5), n, k, "1.67bit-lut")
+    want_acc = int_matmul(q_ref, zeroed)
+    for threads in (1, 2):
+        nat.set_threads(threads)
+        for mode in ("tables", "gemm", "gemv"):
+            assert torch.equal(nat.matmul_int32(q, rowsum, w, mode), want_acc), (mode, threads)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_matmul_many_equals_separate_products(isa, threads):

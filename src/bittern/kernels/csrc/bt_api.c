@@ -282,7 +282,8 @@ static void gemm_task(void *ctx, int tid, int n) {
         if (g0 >= j->ngroups) break;
         /* tables: the item's pattern offsets after the decoded panel */
         if (!D)
-            D = scratch((size_t)panel_bytes + (j->mode == 3 ? 2 * (size_t)bt_tg_offsets(item_rows, j->panel_k) : 0));
+            D = scratch((size_t)panel_bytes +
+                        (j->mode == 3 ? 2 * (size_t)bt_tg_offsets(bt_tg_ldo(item_rows), j->panel_k) : 0));
         if (!D) {
             atomic_store(&j->failed, 1);
             return;
@@ -291,25 +292,25 @@ static void gemm_task(void *ctx, int tid, int n) {
         if (j->mode == 3) {
             bt_mm m = j->m;
             m.Kp = j->panel_k;
-            const int64_t R = j->m.N - p < item_rows ? j->m.N - p : item_rows;
+            const int64_t R = j->m.N - p < item_rows ? j->m.N - p : item_rows, ldo = bt_tg_ldo(R);
             uint16_t *off = (uint16_t *)(void *)(D + panel_bytes);
             int64_t done = 0; /* rows converted without a byte panel: all *-r4 rows, full 1.67bit-lut groups */
             if (j->m.fmt != BT_FMT_1P67BIT_LUT && j->k->tg_convert_r4) {
-                j->k->tg_convert_r4(&j->m, p, R, off, R, 0);
+                j->k->tg_convert_r4(&j->m, p, R, off, ldo, 0);
                 done = R;
             }
             if (j->m.fmt == BT_FMT_1P67BIT_LUT && j->k->tg_convert_lut)
                 for (; done + BT_LUT_ROWS <= R && (p + done) / BT_LUT_ROWS < j->m.N / BT_LUT_ROWS; done += BT_LUT_ROWS)
-                    j->k->tg_convert_lut(&j->m, (p + done) / BT_LUT_ROWS, j->panel_k, off, R, done);
+                    j->k->tg_convert_lut(&j->m, (p + done) / BT_LUT_ROWS, j->panel_k, off, ldo, done);
             for (int64_t sub = done; sub < R; sub += j->panel_rows) {
                 const int64_t np = R - sub < j->panel_rows ? R - sub : j->panel_rows;
                 if (j->m.fmt == BT_FMT_1P67BIT_LUT)
                     bt_lut_decode(&j->m, p + sub, np, D, j->panel_k, j->k->panel_pairs, j->k);
                 else
                     j->k->decode(&j->m, p + sub, np, D);
-                j->k->tg_convert(D, np, j->panel_k, off, R, sub);
+                j->k->tg_convert(D, np, j->panel_k, off, ldo, sub);
             }
-            if (j->k->tg_gemm(&m, p, R, off)) atomic_store(&j->failed, 1);
+            if (j->k->tg_gemm(&m, p, R, off, ldo)) atomic_store(&j->failed, 1);
             continue;
         }
         int64_t np = j->m.N - p < j->panel_rows ? j->m.N - p : j->panel_rows;

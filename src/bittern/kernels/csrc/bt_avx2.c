@@ -1152,72 +1152,126 @@ AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, ui
 }
 
 
+/* Pattern offsets of two 32-column slices a and b of one row, from their codes + 1 already paired by
+ * maddubs (pa[i] = 4 (c[2i] + 3 c[2i + 1]) for byte pair i, values <= 48 even with a corrupt field 3):
+ * a second maddubs with (8, 72) gives 32 idx per 4-column group, the clamp keeps a corrupt group inside its
+ * 81 entries, and the group's base is added; 8 uint16 to da and to db. */
+AVX2_INLINE void tg_put_pair(__m256i pa, __m256i pb, uint16_t *da, uint16_t *db) {
+    const __m256i w872 = _mm256_set1_epi16(0x4808), top = _mm256_set1_epi16(32 * (TG_E - 1));
+    const __m256i base = _mm256_setr_epi16(0, 32 * 81, 32 * 162, 32 * 243, 0, 32 * 81, 32 * 162, 32 * 243, 32 * 324,
+                                           32 * 405, 32 * 486, 32 * 567, 32 * 324, 32 * 405, 32 * 486, 32 * 567);
+    /* lanes after the pack and the second maddubs: [a g0-3, b g0-3 | a g4-7, b g4-7] */
+    const __m256i i = _mm256_maddubs_epi16(_mm256_packus_epi16(pa, pb), w872);
+    const __m256i o = _mm256_permute4x64_epi64(_mm256_add_epi16(_mm256_min_epi16(i, top), base), 0xd8);
+    _mm_storeu_si128((__m128i *)da, _mm256_castsi256_si128(o));
+    _mm_storeu_si128((__m128i *)db, _mm256_extracti128_si256(o, 1));
+}
+
 /* Rows [row0, row0 + nrows) of a *-r4 layout (row0 a multiple of 4) straight to the offsets of item rows
- * r0.. (no byte panel): each 32-byte block of a row is decoded to its 4 (2 bits) or 5 (1.6 bits) slices
- * of codes + 1 and each slice converted at once. A group's rows are adjacent in the offsets, so each
- * slice's stores fill whole lines. */
+ * r0.. (no byte panel): each 32-byte block of a row gives its 4 (2 bits) or 5 (1.6 bits) slices of codes
+ * + 1, converted two at a time (tg_put_pair). 2 bits: fields 0 and 2 are taken as codes (weights 4, 12),
+ * fields 1 and 3 in place, i.e. 4 x codes (weights 1, 3), so one shift serves all four. A group's rows
+ * are adjacent in the offsets, so each slice's stores fill whole lines. */
 AVX2 static void tg_convert_r4_avx2(const bt_mm *a, int64_t row0, int64_t nrows, uint16_t *off, int64_t ldo,
                                    int64_t r0) {
     const int is2 = a->fmt == BT_FMT_2BIT_R4;
     const int nf = is2 ? BT_BLOCK_2B / 32 : BT_BLOCK_1P6 / 32;
     const int64_t nb = a->Kp / (32 * nf);
-    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i m3 = _mm256_set1_epi8(3), m12 = _mm256_set1_epi8(12);
+    const __m256i w412 = _mm256_set1_epi16(0x0c04), w13 = _mm256_set1_epi16(0x0301);
+    const int64_t sst = tg_off_index(1, 0, ldo); /* next slice */
     TRITS_DECL
     for (int64_t r = 0; r < nrows;) {
         const int64_t g = (row0 + r) / BT_GROUP;
         const int64_t gr = a->N - g * BT_GROUP < BT_GROUP ? a->N - g * BT_GROUP : BT_GROUP;
         const int64_t rows_here = gr < nrows - r ? gr : nrows - r;
         const uint8_t *p = bt_group_ptr(a, g);
-        for (int64_t b = 0; b < nb; b++)
+        for (int64_t b = 0; b < nb; b++) {
             for (int64_t i = 0; i < rows_here; i++) {
                 const __m256i w = _mm256_loadu_si256((const __m256i *)(p + (b * gr + i) * 32));
                 uint16_t *dst = off + tg_off_index(nf * b, r0 + r + i, ldo);
-                const int64_t sst = tg_off_index(1, 0, ldo); /* next slice */
                 if (is2) {
-                    tg_put_slice(_mm256_and_si256(w, m3), dst);
-                    tg_put_slice(_mm256_and_si256(_mm256_srli_epi16(w, 2), m3), dst + sst);
-                    tg_put_slice(_mm256_and_si256(_mm256_srli_epi16(w, 4), m3), dst + 2 * sst);
-                    tg_put_slice(_mm256_and_si256(_mm256_srli_epi16(w, 6), m3), dst + 3 * sst);
+                    const __m256i w4 = _mm256_srli_epi16(w, 4);
+                    tg_put_pair(_mm256_maddubs_epi16(_mm256_and_si256(w, m3), w412),
+                                _mm256_maddubs_epi16(_mm256_and_si256(w, m12), w13), dst, dst + sst);
+                    tg_put_pair(_mm256_maddubs_epi16(_mm256_and_si256(w4, m3), w412),
+                                _mm256_maddubs_epi16(_mm256_and_si256(w4, m12), w13), dst + 2 * sst, dst + 3 * sst);
                 } else {
-                    __m256i x = w;
+                    __m256i x = w, t[5];
                     for (int j = 0; j < 5; j++) {
-                        tg_put_slice(trit_of(x, c_lo, c_hi), dst + j * sst);
+                        t[j] = _mm256_maddubs_epi16(trit_of(x, c_lo, c_hi), w412);
                         x = times3(x);
                     }
+                    tg_put_pair(t[0], t[1], dst, dst + sst);
+                    tg_put_pair(t[2], t[3], dst + 2 * sst, dst + 3 * sst);
+                    tg_put_pair(t[4], t[4], dst + 4 * sst, dst + 4 * sst);
                 }
             }
+        }
         r += rows_here;
     }
 }
 
+/* The 6 pattern vectors of one block of a full 1.67bit-lut group (24 columns, 32 rows; Q[q], byte r: the
+ * base-3 index sum_j (c_j + 1) 3^j of columns 4q..4q+3 of row r). Every 4 triples t0..t3 (12 columns) hold
+ * 3 patterns, each the sum of two functions of a triple's codes: centred on 40 (all codes zero),
+ *   pattern 0 = (c0 + 3 c1 + 9 c2)(t0) + 27 c0(t1),  pattern 1 = (c1 + 3 c2)(t1) + 9 (c0 + 3 c1)(t2),
+ *   pattern 2 = c2(t2) + 3 (c0 + 3 c1 + 9 c2)(t3),
+ * each function looked up by the triple's canonical index (pshufb) and negated with its sign (psignb);
+ * the invalid indices 14 and 15 read as zero codes, so no pattern leaves 0..80. */
+AVX2_INLINE void lut_block_quads(const uint8_t *blk, __m256i Q[6]) {
+    const __m256i m15 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1), c40 = _mm256_set1_epi8(40);
+    const __m256i bits = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32,
+                                          32, 64, 64, 64, 64, -128, -128, -128, -128);
+#define LUT_FN(...) _mm256_broadcastsi128_si256(_mm_setr_epi8(__VA_ARGS__))
+    /* per canonical index (bt_lut.c, LUT_CODES): c0 + 3 c1 + 9 c2, 27 c0, c1 + 3 c2, 9 (c0 + 3 c1), c2, 3 (c0 + 3 c1 + 9 c2) */
+    const __m256i fa = LUT_FN(0, 9, -6, 3, 12, -11, -2, 7, -8, 1, 10, -5, 4, 13, 0, 0);
+    const __m256i fb = LUT_FN(0, 0, 0, 0, 0, 27, 27, 27, 27, 27, 27, 27, 27, 27, 0, 0);
+    const __m256i fc = LUT_FN(0, 3, -2, 1, 4, -4, -1, 2, -3, 0, 3, -2, 1, 4, 0, 0);
+    const __m256i fd = LUT_FN(0, 0, 27, 27, 27, -18, -18, -18, 9, 9, 9, 36, 36, 36, 0, 0);
+    const __m256i fe = LUT_FN(0, 1, -1, 0, 1, -1, 0, 1, -1, 0, 1, -1, 0, 1, 0, 0);
+    const __m256i ff = LUT_FN(0, 27, -18, 9, 36, -33, -6, 21, -24, 3, 30, -15, 12, 39, 0, 0);
+#undef LUT_FN
+    const int32_t *sw = (const int32_t *)(const void *)(blk + 128);
+    __m256i idx[8], sg[8];
+    for (int k = 0; k < 4; k++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(blk + 32 * k));
+        idx[2 * k] = _mm256_and_si256(x, m15);
+        idx[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m15);
+    }
+    for (int j = 0; j < 8; j++) /* -1 for a negated triple, else +1 */
+        sg[j] = _mm256_or_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(sw[j]), bits), bits), one);
+#define LUT_F(f, j) _mm256_sign_epi8(_mm256_shuffle_epi8(f, idx[j]), sg[j])
+    for (int u = 0; u < 2; u++) {
+        const int j = 4 * u;
+        Q[3 * u] = _mm256_add_epi8(_mm256_add_epi8(LUT_F(fa, j), LUT_F(fb, j + 1)), c40);
+        Q[3 * u + 1] = _mm256_add_epi8(_mm256_add_epi8(LUT_F(fc, j + 1), LUT_F(fd, j + 2)), c40);
+        Q[3 * u + 2] = _mm256_add_epi8(_mm256_add_epi8(LUT_F(fe, j + 2), LUT_F(ff, j + 3)), c40);
+    }
+#undef LUT_F
+}
+
 /* A full 1.67bit-lut group (32 rows) straight to pattern offsets, rows r0..r0+31 of the item (no byte
- * panel): 4 blocks (96 columns, 3 slices) at a time are decoded to column vectors (lut_block_columns),
- * each 4-column group's base-3 index is formed on the column vectors (32 rows per vector), and every
- * slice's 8 index vectors are transposed to rows, widened and stored. Columns past Kp have code 0. */
+ * panel): 4 blocks (96 columns, 3 slices) at a time give their pattern vectors (lut_block_quads, 32 rows
+ * per vector), and every slice's 8 pattern vectors are transposed to rows, widened and stored. Columns
+ * past Kp have code 0. */
 AVX2 static void tg_convert_lut_avx2(const bt_mm *a, int64_t g, int64_t Kd, uint16_t *off, int64_t ldo, int64_t r0) {
     const int64_t nb = a->Kp / BT_BLOCK_LUT, nsl = Kd / 32, stride = bt_lut_block_stride(a, g);
     const uint8_t *blk = bt_lut_block0(a, g);
-    const __m256i ones = _mm256_set1_epi8(1), zero = _mm256_setzero_si256();
+    const __m256i c40 = _mm256_set1_epi8(40), zero = _mm256_setzero_si256();
     const __m256i base = _mm256_setr_epi16(0, 81, 162, 243, 324, 405, 486, 567, 0, 81, 162, 243, 324, 405, 486, 567);
     for (int64_t set = 0; 3 * set < nsl; set++) {
-        __m256i V[96];
+        __m256i P[24];
         for (int i = 0; i < 4; i++) {
             const int64_t b = 4 * set + i;
             if (b < nb)
-                lut_block_columns(blk + b * stride, V + 24 * i);
+                lut_block_quads(blk + b * stride, P + 6 * i);
             else
-                for (int c = 0; c < 24; c++) V[24 * i + c] = ones;
+                for (int c = 0; c < 6; c++) P[6 * i + c] = c40;
         }
         for (int sl = 0; sl < 3 && 3 * set + sl < nsl; sl++) {
             const int64_t s = 3 * set + sl;
-            __m256i G[8];
-            for (int k = 0; k < 8; k++) { /* idx = c0 + 3 (c1 + 3 (c2 + 3 c3)), codes + 1 of the group's columns */
-                const __m256i *c = V + 32 * sl + 4 * k;
-                __m256i t = c[3];
-                t = _mm256_add_epi8(c[2], _mm256_add_epi8(t, _mm256_add_epi8(t, t)));
-                t = _mm256_add_epi8(c[1], _mm256_add_epi8(t, _mm256_add_epi8(t, t)));
-                G[k] = _mm256_add_epi8(c[0], _mm256_add_epi8(t, _mm256_add_epi8(t, t)));
-            }
+            const __m256i *G = P + 8 * sl;
             /* 8 x 32 bytes (group, row) -> 32 rows of 8 bytes; lanes hold rows 0-15 and 16-31 */
             __m256i A[4], B[4], C[8], D[8];
             for (int k = 0; k < 4; k++) {
@@ -1391,11 +1445,9 @@ AVX2_INLINE void transpose8_ps(__m256 v[8]) {
 static _Thread_local void *tl_tg = NULL;
 static _Thread_local size_t tl_tg_cap = 0;
 
-/* Rows [row0, row0 + R) for every token, from their pattern offsets (tg_convert_avx2 with ldo = R) over
- * a->Kp columns (a multiple of 32). Returns 0, or -4 when out of memory. */
 /* Tiles [tb0, tb1) of tokens (at most BT_TG_BLOCK_TILES) for rows [row0, row0 + R): every window of
  * TG_WIDEN slices adds into the block's int32 sums acc32, then the outputs are written. */
-AVX2 static void tg_token_block(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off, int64_t tb0,
+AVX2 static void tg_token_block(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off, int64_t ldo, int64_t tb0,
                                 int64_t tb1, int16_t *tab, __m256i *acc16, __m256i *acc32) {
     const int64_t nsl = a->Kp / 32;
     for (int64_t s0 = 0; s0 < nsl; s0 += TG_WIDEN) {
@@ -1406,7 +1458,7 @@ AVX2 static void tg_token_block(const bt_mm *a, int64_t row0, int64_t R, const u
             for (int64_t s = s0; s < s1; s++) {
                 tg_tables(a->q + t0 * a->ldq, a->ldq, nt, 32 * s, tab);
                 const int kind = (s == s0) | (s == s1 - 1) << 1 | (s0 == 0) << 2;
-                TG_ROWS[kind]((const char *)tab, off + tg_off_index(s, 0, R), R, acc16, A);
+                TG_ROWS[kind]((const char *)tab, off + tg_off_index(s, 0, ldo), R, acc16, A);
             }
         }
     }
@@ -1453,7 +1505,10 @@ AVX2 static void tg_token_block(const bt_mm *a, int64_t row0, int64_t R, const u
     }
 }
 
-AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off) {
+/* Rows [row0, row0 + R) for every token, from their pattern offsets (slice s of row r at
+ * tg_off_index(s, r, ldo), ldo = bt_tg_ldo(R)) over a->Kp columns (a multiple of 32). Returns 0, or -4
+ * when out of memory. */
+AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint16_t *off, int64_t ldo) {
     const int64_t ntiles = (a->T + TG_TILE - 1) / TG_TILE;
     const int64_t nblk = ntiles < BT_TG_BLOCK_TILES ? ntiles : BT_TG_BLOCK_TILES;
     const size_t tab_bytes = (size_t)TG_G * TG_E * 32, acc16_bytes = (size_t)R * 32;
@@ -1470,7 +1525,7 @@ AVX2 static int tg_gemm_avx2(const bt_mm *a, int64_t row0, int64_t R, const uint
     /* tokens in blocks of BT_TG_BLOCK_TILES tiles, so the int32 sums of a block stay in cache while every
      * window widens into them (a 2048-token prompt's sums would otherwise stream from DRAM 12 times) */
     for (int64_t tb0 = 0; tb0 < ntiles; tb0 += BT_TG_BLOCK_TILES)
-        tg_token_block(a, row0, R, off, tb0, tb0 + BT_TG_BLOCK_TILES < ntiles ? tb0 + BT_TG_BLOCK_TILES : ntiles, tab,
+        tg_token_block(a, row0, R, off, ldo, tb0, tb0 + BT_TG_BLOCK_TILES < ntiles ? tb0 + BT_TG_BLOCK_TILES : ntiles, tab,
                        acc16, acc32);
     return 0;
 }
