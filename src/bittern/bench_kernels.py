@@ -11,7 +11,7 @@ For the linear-layer shapes of 2B4T, 3B, 7B and 70B-shaped models, each packed f
 * ``torch.nn.functional.linear`` on the same shape in float32 and bfloat16 (``x fp32`` = how many times
   faster the ternary kernel is);
 * prefill GEMM with ``gemm_tokens`` tokens (default 128): G weight-MACs per second (N*K*T / t) of the
-  product ``bt_matmul`` runs at that T (on AVX2 from 11 tokens: the GEMM by tables of token vectors), of
+  product ``bt_matmul`` runs at that T (on AVX2 from 10 tokens: the GEMM by tables of token vectors), of
   the decoded-panel GEMM (``panel``), and torch float32/bfloat16 on the same shape.
 
 Weights are random valid packed bytes. GEMV weights (and torch's) rotate over enough copies to exceed

@@ -24,13 +24,16 @@ static int g_threads = 1;
  * (1.67bit-lut) for any T, the GEMM by tables overtakes it at 11-12 tokens (10 for the lookup layout on
  * two threads), the panel GEMM at ~12-16 (2 bits) and ~16 (lookup); for 1.6bit-r4 the panel GEMM wins
  * from 5. (The lookup layout switched at 2 tokens until session 10: its panel GEMM ran at 23 G MAC/s
- * there, a quarter of its GEMV.) */
-static int g_gemv_max_t[3] = {11, 4, 10};
+ * there, a quarter of its GEMV.) Session 11, after the tables' conversion got cheaper: a batched decode
+ * step of the 2B4T model (2 threads, ternary products of 30 layers) at 10 tokens 117 ms by GEMV against
+ * 108 by tables (2 bits), 120 against 112-113 (lookup); at 9 tokens 103 / 107 and 107 / 113, so the
+ * GEMV keeps up to 9. */
+static int g_gemv_max_t[3] = {9, 4, 9};
 static int64_t g_panel_bytes = 192 * 1024; /* decoded weight panel per thread (fits in L2) */
 /* T >= this (and above the GEMV range): the GEMM by tables of token vectors where the ISA has it
  * (see bt_avx2.c), else the panel GEMM. Zen 3, session 10: tables ahead of the panel GEMM by 10-30%
  * at 11-16 tokens, 25-60% from 24; behind by ~5% only where a 16-token tile is mostly empty (17-20). */
-static int g_table_gemm_min_t = 11;
+static int g_table_gemm_min_t = 10;
 /* GEMV work item: weight bytes a thread takes at a time (capped at 1/4 of a thread's fair share).
  * Measured on 2 threads: 32 KB items reach ~80-88% of the streaming-read roofline, 128 KB ~88-98%
  * (each new item restarts the prefetch stream); 512 KB a further 1-4% on the 2B4T gate/up shape (six
