@@ -1126,9 +1126,12 @@ AVX2 static void gemm_decoded_avx2(const bt_mm *a, int64_t row0, int64_t nrows, 
 #define TG_E 81    /* patterns of 4 ternary codes */
 #define TG_TILE 16 /* tokens per table vector (int16 lanes of a 256-bit register) */
 #define TG_WIDEN BT_TG_WINDOW
+#ifndef BT_TG_PREFETCH
+#define BT_TG_PREFETCH 2048 /* bytes of packed weights prefetched ahead of the conversion to offsets */
+#endif
 
-/* Offsets of row r (of ldo rows) and slice s: slice-major, so the product reads each slice's offsets of all
- * rows as one sequential stream. */
+/* Offsets of row r and slice s, slices ldo rows apart (bt_tg_ldo: a little more than the item's rows):
+ * slice-major, so the product reads each slice's offsets of all rows as one sequential stream. */
 BT_INLINE int64_t tg_off_index(int64_t s, int64_t r, int64_t ldo) { return (s * ldo + r) * TG_G; }
 
 /* Pattern offsets of one 32-column slice of one row (codes + 1 in x), as 8 uint16 at dst. */
@@ -1188,6 +1191,9 @@ AVX2 static void tg_convert_r4_avx2(const bt_mm *a, int64_t row0, int64_t nrows,
         const uint8_t *p = bt_group_ptr(a, g);
         for (int64_t b = 0; b < nb; b++) {
             for (int64_t i = 0; i < rows_here; i++) {
+#if BT_TG_PREFETCH > 0
+                if (!(i & 1)) _mm_prefetch((const char *)p + (b * gr + i) * 32 + BT_TG_PREFETCH, _MM_HINT_T0);
+#endif
                 const __m256i w = _mm256_loadu_si256((const __m256i *)(p + (b * gr + i) * 32));
                 uint16_t *dst = off + tg_off_index(nf * b, r0 + r + i, ldo);
                 if (is2) {
@@ -1264,9 +1270,15 @@ AVX2 static void tg_convert_lut_avx2(const bt_mm *a, int64_t g, int64_t Kd, uint
         __m256i P[24];
         for (int i = 0; i < 4; i++) {
             const int64_t b = 4 * set + i;
-            if (b < nb)
+            if (b < nb) {
+#if BT_TG_PREFETCH > 0
+                const char *pf = (const char *)blk + b * stride + BT_TG_PREFETCH;
+                _mm_prefetch(pf, _MM_HINT_T0);
+                _mm_prefetch(pf + 64, _MM_HINT_T0);
+                _mm_prefetch(pf + 128, _MM_HINT_T0);
+#endif
                 lut_block_quads(blk + b * stride, P + 6 * i);
-            else
+            } else
                 for (int c = 0; c < 6; c++) P[6 * i + c] = c40;
         }
         for (int sl = 0; sl < 3 && 3 * set + sl < nsl; sl++) {
