@@ -44,7 +44,8 @@ layout once (``"2bit"`` -> ``"2bit-r4"``, ``"1.6bit"`` -> ``"1.6bit-r4"``).
 Environment: ``BITTERN_THREADS`` (threads per call, default all CPUs), ``BITTERN_KERNEL_ISA``
 (``scalar``/``avx2``/``neon``; default: best available), ``BITTERN_SPIN_US`` (how long idle pool
 threads spin before sleeping, default 2000), ``BITTERN_GEMV_MAX_T`` (largest batch sent to the GEMV
-kernels), ``BITTERN_TABLE_GEMM_MIN_T`` (smallest batch sent to the GEMM by tables, default 10; 0: never),
+kernels), ``BITTERN_TABLE_GEMM_MIN_T`` (smallest batch sent to the GEMM by tables, default 10, for
+``"1.6bit-r4"`` 11; 0: never),
 ``BITTERN_NATIVE_LIB`` (path of the library to load).
 """
 
@@ -387,8 +388,8 @@ def matmul(
     """``y [T, N] = float32(q @ codes^T) * (gamma / s)``: GEMV kernels for a few tokens, GEMM for more.
 
     The GEMV takes up to 9 tokens for ``"2bit-r4"`` and ``"1.67bit-lut"``, 4 for ``"1.6bit-r4"``
-    (measured on Zen 3; ``BITTERN_GEMV_MAX_T`` overrides); above that, from 10 tokens the GEMM is
-    :func:`gemm_tables` where the kernel set has it (``BITTERN_TABLE_GEMM_MIN_T``), else :func:`gemm`.
+    (measured on Zen 3; ``BITTERN_GEMV_MAX_T`` overrides); above that, from 10 tokens (11 for ``"1.6bit-r4"``)
+    the GEMM is :func:`gemm_tables` where the kernel set has it (``BITTERN_TABLE_GEMM_MIN_T``), else :func:`gemm`.
     """
     return _matmul(0, q, s, rowsum, weight, out)
 
@@ -416,7 +417,7 @@ def gemm_tables(
     """Prefill product by tables of token vectors (one add per 4 weights x 16 tokens); same result as
     :func:`matmul`. Where the kernel set has no tables (scalar, NEON) it runs :func:`gemm`.
 
-    :func:`matmul` uses it from 10 tokens up (``BITTERN_TABLE_GEMM_MIN_T``; 0 turns it off).
+    :func:`matmul` uses it from 10 tokens up, 11 for ``"1.6bit-r4"`` (``BITTERN_TABLE_GEMM_MIN_T``; 0 turns it off).
     """
     return _matmul(3, q, s, rowsum, weight, out)
 

@@ -33,7 +33,9 @@ static int64_t g_panel_bytes = 192 * 1024; /* decoded weight panel per thread (f
 /* T >= this (and above the GEMV range): the GEMM by tables of token vectors where the ISA has it
  * (see bt_avx2.c), else the panel GEMM. Zen 3, session 10: tables ahead of the panel GEMM by 10-30%
  * at 11-16 tokens, 25-60% from 24; behind by ~5% only where a 16-token tile is mostly empty (17-20). */
-static int g_table_gemm_min_t = 10;
+static int g_table_gemm_min_t[3] = {10, 11, 10}; /* 1.6bit-r4 (session 11, 6912 x 2560, 1 / 2 threads): the panel
+                                                   GEMM ahead at 10 tokens (98 / 196 vs 90 / 180 G MAC/s), even at
+                                                   11-12, the tables ahead from 13 */
 /* GEMV work item: weight bytes a thread takes at a time (capped at 1/4 of a thread's fair share).
  * Measured on 2 threads: 32 KB items reach ~80-88% of the streaming-read roofline, 128 KB ~88-98%
  * (each new item restarts the prefetch stream); 512 KB a further 1-4% on the 2B4T gate/up shape (six
@@ -158,7 +160,8 @@ __attribute__((constructor)) static void bt_init(void) {
     e = getenv("BITTERN_GEMV_ITEM_KB");
     if (e && atoi(e) > 0) g_item_bytes = (int64_t)atoi(e) * 1024;
     e = getenv("BITTERN_TABLE_GEMM_MIN_T");
-    if (e && *e) g_table_gemm_min_t = atoi(e) > 0 ? atoi(e) : 1 << 30; /* 0: never */
+    if (e && *e) /* 0: never */
+        g_table_gemm_min_t[0] = g_table_gemm_min_t[1] = g_table_gemm_min_t[2] = atoi(e) > 0 ? atoi(e) : 1 << 30;
     e = getenv("BITTERN_PANEL_KB");
     if (e && atoi(e) > 0) g_panel_bytes = (int64_t)atoi(e) * 1024;
 }
@@ -401,7 +404,7 @@ static int mm_prepare(mm_job *j, int mode, int fmt, const uint8_t *w, int64_t N,
     j->m.ldy = ldy;
     j->k = g_kern;
     j->panel_k = Kd;
-    if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : T >= g_table_gemm_min_t ? 3 : 2;
+    if (mode == 0) mode = T <= g_gemv_max_t[fmt] ? 1 : T >= g_table_gemm_min_t[fmt] ? 3 : 2;
     if (mode == 3 && !(g_kern->tg_gemm && g_kern->panel_pairs)) mode = 2; /* tables only where the ISA has them */
     if (mode >= 2 && ldq < Kd && T > 0) return -3; /* the GEMM reads Kd zero-padded activation columns */
     j->mode = mode;
