@@ -298,12 +298,13 @@ def test_table_gemm_corrupt_weights_stay_inside_the_tables():
     w = TernaryWeight(bad, torch.tensor(0.5), n, k, "2bit-r4")
     for threads in (1, 2):
         nat.set_threads(threads)
-        assert torch.equal(nat.matmul_int32(q, rowsum, w, "tables"), int_matmul(q_ref, torch.ones(n, k, dtype=torch.int8)))
+        all_plus_one = int_matmul(q_ref, torch.ones(n, k, dtype=torch.int8))
+        assert torch.equal(nat.matmul_int32(q, rowsum, w, "tables"), all_plus_one)
 
     lut = get_layout("1.67bit-lut")
     codes = _codes(n, k, gen)
     # every position of a triple in its 4-triple unit with both bad indices, in the full group and the short last one
-    spots = [(2 * t, t) for t in range(16)] + [(31, 20), (32, 5), (33, 3), (35, 10), (36, 98)]
+    spots = [(2 * j, j) for j in range(16)] + [(31, 20), (32, 5), (33, 3), (35, 10), (36, 98)]
     for row, triple in spots:
         codes[row, 3 * triple : 3 * triple + 3] = 1  # canonical index 13, not negated
     packed = lut.pack(codes)

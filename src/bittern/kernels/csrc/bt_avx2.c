@@ -1134,27 +1134,6 @@ AVX2 static void gemm_decoded_avx2(const bt_mm *a, int64_t row0, int64_t nrows, 
  * slice-major, so the product reads each slice's offsets of all rows as one sequential stream. */
 BT_INLINE int64_t tg_off_index(int64_t s, int64_t r, int64_t ldo) { return (s * ldo + r) * TG_G; }
 
-/* Pattern offsets of one 32-column slice of one row (codes + 1 in x), as 8 uint16 at dst. */
-AVX2_INLINE void tg_put_slice(__m256i x, uint16_t *dst) {
-    const __m256i w13 = _mm256_set1_epi16(0x0301), w19 = _mm256_set1_epi32(0x00090001);
-    const __m256i base = _mm256_setr_epi32(0, 81, 162, 243, 324, 405, 486, 567);
-    const __m256i top = _mm256_set1_epi32(TG_E - 1);
-    const __m256i i = _mm256_min_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(x, w13), w19), top);
-    const __m256i o = _mm256_slli_epi32(_mm256_add_epi32(i, base), 5);
-    _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(o, o), 0xd8)));
-}
-
-/* Panel rows (decoded codes + 1, pair-interleaved as dslot) to the pattern offsets of item rows r0.. (only
- * the rows of a short last 1.67bit-lut group come this way; the rest convert without a panel). */
-AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, uint16_t *off, int64_t ldo,
-                                int64_t r0) {
-    for (int64_t s = 0; s < Kd / 32; s++)
-        for (int64_t r = 0; r < nrows; r++)
-            tg_put_slice(_mm256_loadu_si256((const __m256i *)dslot((uint8_t *)D, r, nrows, Kd, s)),
-                         off + tg_off_index(s, r0 + r, ldo));
-}
-
-
 /* Pattern offsets of two 32-column slices a and b of one row, from their codes + 1 already paired by
  * maddubs (pa[i] = 4 (c[2i] + 3 c[2i + 1]) for byte pair i, values <= 48 even with a corrupt field 3):
  * a second maddubs with (8, 72) gives 32 idx per 4-column group, the clamp keeps a corrupt group inside its
@@ -1168,6 +1147,24 @@ AVX2_INLINE void tg_put_pair(__m256i pa, __m256i pb, uint16_t *da, uint16_t *db)
     const __m256i o = _mm256_permute4x64_epi64(_mm256_add_epi16(_mm256_min_epi16(i, top), base), 0xd8);
     _mm_storeu_si128((__m128i *)da, _mm256_castsi256_si128(o));
     _mm_storeu_si128((__m128i *)db, _mm256_extracti128_si256(o, 1));
+}
+
+/* Panel rows (decoded codes + 1, pair-interleaved as dslot) to the pattern offsets of item rows r0.. (only
+ * the rows of a short last 1.67bit-lut group come this way; the rest convert without a panel), two slices
+ * at a time (an odd last slice is paired with itself). */
+AVX2 static void tg_convert_avx2(const uint8_t *D, int64_t nrows, int64_t Kd, uint16_t *off, int64_t ldo,
+                                int64_t r0) {
+    const __m256i w412 = _mm256_set1_epi16(0x0c04);
+    const int64_t nsl = Kd / 32;
+    for (int64_t s = 0; s < nsl; s += 2) {
+        const int64_t s2 = s + 1 < nsl ? s + 1 : s;
+        for (int64_t r = 0; r < nrows; r++) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)dslot((uint8_t *)D, r, nrows, Kd, s));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)dslot((uint8_t *)D, r, nrows, Kd, s2));
+            tg_put_pair(_mm256_maddubs_epi16(a, w412), _mm256_maddubs_epi16(b, w412), off + tg_off_index(s, r0 + r, ldo),
+                        off + tg_off_index(s2, r0 + r, ldo));
+        }
+    }
 }
 
 /* Rows [row0, row0 + nrows) of a *-r4 layout (row0 a multiple of 4) straight to the offsets of item rows
