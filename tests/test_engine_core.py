@@ -104,6 +104,51 @@ def test_batched_attention_equals_row_by_row(kv: str) -> None:
         set_threads(old)
 
 
+@pytest.mark.parametrize("kv", ["f16", "int8"])
+@pytest.mark.parametrize("native_loop", [True, False])
+def test_prefill_batch_equals_one_prefill_per_sequence(native_loop: bool, kv: str) -> None:
+    """Several sequences prefilled in shared passes (ragged lengths, one continuing from position 9,
+    passes split inside a sequence, > 64 rows over several slots on two threads): the same logits and
+    cache entries, bit for bit, as one prefill per sequence."""
+    from bittern.engine import set_threads
+    from bittern.kernels import native
+
+    model = _frozen("tiny-2b4t", seed=9)
+    gen = torch.Generator().manual_seed(10)
+    lens, slots, starts = [1, 23, 40, 6, 31], [3, 0, 4, 1, 2], [0, 0, 0, 9, 0]
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lens]
+    head = torch.randint(0, 512, (9,), generator=gen).tolist()  # what slot 1 holds before its batch rows
+    old = native.get_threads() if native.available() else 1
+    set_threads(2)
+    try:
+        em = _fast_model(model, native_loop)
+        ref_cache = em.new_cache(5, 64, kv)
+        em.prefill(head, ref_cache, slot=1)
+        ref = [em.prefill(p, ref_cache, s, st).clone() for p, s, st in zip(prompts, slots, starts)]
+        for max_rows in (1024, 17):
+            cache = em.new_cache(5, 64, kv)
+            em.prefill(head, cache, slot=1)
+            got = em.prefill_batch(prompts, cache, slots, starts, max_rows=max_rows)
+            assert got.shape == (5, model.config.vocab_size)
+            for i in range(5):
+                assert torch.equal(got[i], ref[i][0]), (max_rows, i)
+            for s, st, n in zip(slots, starts, lens):
+                for a, b in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
+                    assert torch.equal(a[:, s, :, : st + n], b[:, s, :, : st + n])
+        assert got.abs().max() > 0
+    finally:
+        set_threads(old)
+    cache = em.new_cache(2, 16, kv)
+    with pytest.raises(ValueError, match="share a cache slot"):
+        em.prefill_batch([[1], [2]], cache, [0, 0])
+    with pytest.raises(ValueError, match="outside"):
+        em.prefill_batch([[1], [2]], cache, [0, 2])
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        em.prefill_batch([[1], list(range(17))], cache, [0, 1])
+    with pytest.raises(ValueError, match="no tokens"):
+        em.prefill_batch([[1], []], cache, [0, 1])
+
+
 @pytest.mark.parametrize("act", [0, 1])  # SwiGLU, ReLU^2
 def test_many_row_activation_quantisation_same_on_any_threads(act: int) -> None:
     """A prefill's activation + sub-norm + int8 quantisation runs its rows on the pool: the same bits

@@ -103,6 +103,37 @@ def test_batch_generator_interface(engine) -> None:
     assert len(tokens[b]) == 3
 
 
+def test_batch_generator_prefills_new_requests_together(engine, monkeypatch) -> None:
+    """Requests added between steps are prefilled in one shared pass at the next step; a failure there
+    releases only those requests."""
+    gen = engine.batch_generator(max_batch=3, max_len=64)
+    calls = []
+    real = gen.model.prefill_batch
+    monkeypatch.setattr(gen.model, "prefill_batch", lambda prompts, *a, **k: calls.append(len(prompts)) or real(prompts, *a, **k))
+    ids = [engine.encode(p) for p in ("ROMEO:", "KING", "To be")]
+    a = gen.add(ids[0], SamplingParams(max_tokens=9))
+    b = gen.add(ids[1], SamplingParams(temperature=0.8, seed=2, max_tokens=9))
+    out = {a: [], b: []}
+    for o in gen.step():
+        out[o.request_id].append(o.token)
+    assert calls == [2]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("native failure")
+
+    monkeypatch.setattr(gen.model, "prefill_batch", broken)
+    c = gen.add(ids[2], SamplingParams(max_tokens=4))
+    assert gen.free_slots == 0
+    with pytest.raises(RuntimeError, match="native failure"):
+        gen.step()
+    assert gen.free_slots == 1 and gen.active == 2 and c not in gen.requests
+    while gen.active:
+        for o in gen.step():
+            out[o.request_id].append(o.token)
+    assert out[a] == list(engine.generate_ids(ids[0], SamplingParams(max_tokens=9), eos_ids=set()))
+    assert out[b] == list(engine.generate_ids(ids[1], SamplingParams(temperature=0.8, seed=2, max_tokens=9), eos_ids=set()))
+
+
 def test_bad_inputs_raise_clear_errors(engine) -> None:
     from bittern.errors import UsageError
 

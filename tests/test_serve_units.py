@@ -233,3 +233,36 @@ def test_worker_over_the_reference_batch_generator_frees_slots_on_cancel() -> No
     finally:
         worker.stop()
         loop.close()
+
+
+def test_worker_prefill_failure_reaches_only_the_new_jobs(monkeypatch) -> None:
+    """The worker prefills admitted jobs together; when that pass fails, those jobs get a 500 and the
+    job already generating goes on to the end."""
+    torch.manual_seed(0)
+    gen = BatchGenerator(Transformer(get_config("tiny")).freeze(), max_batch=3, max_len=64)
+    real_step = gen.step
+    monkeypatch.setattr(gen, "step", lambda: time.sleep(0.005) or real_step())
+    loop = asyncio.new_event_loop()
+    worker = GenerationWorker(gen, CharTokenizer([chr(65 + i % 26) for i in range(512)]), max_queue=2)
+    worker.start()
+    try:
+        first = make_jobs(loop, 1, max_tokens=40)
+        worker.submit(first)
+        deadline = time.time() + 5
+        while worker.metrics.generated_tokens == 0 and time.time() < deadline:
+            time.sleep(0.002)
+
+        def broken(prompts, slots):
+            raise RuntimeError("native failure")
+
+        monkeypatch.setattr(gen, "_prefill_many", broken)
+        late = make_jobs(loop, 2, max_tokens=5)
+        worker.submit(late)
+        errors = collect(loop, late)
+        assert [e.status for e in errors] == [500, 500] and all("prefill failed" in e.text for e in errors)
+        events = collect(loop, first)
+        assert events[-1].kind == "done" and events[-1].completion_tokens == 40
+        assert gen.free_slots == 3 and gen.active == 0
+    finally:
+        worker.stop()
+        loop.close()

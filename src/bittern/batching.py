@@ -1,8 +1,9 @@
 """Continuous batching over a model: requests join and leave between decode steps.
 
 :class:`BatchGenerator` owns a KV cache with ``max_batch`` rows ("slots"). :meth:`~BatchGenerator.add`
-prefills a new request into a free slot; :meth:`~BatchGenerator.step` advances every active request
-by one token with a single forward pass (one matrix product per layer for the whole batch);
+takes a new request into a free slot; :meth:`~BatchGenerator.step` prefills the requests added since
+the last step (together, in one pass where the model can) and then advances every active request by
+one token with a single forward pass (one matrix product per layer for the whole batch);
 :meth:`~BatchGenerator.cancel` frees a slot at once. Each request samples with its own parameters and
 seeded generator, so its tokens do not depend on what else shares the batch.
 """
@@ -77,6 +78,7 @@ class BatchGenerator:
         self._free = list(range(max_batch))
         self._ids = itertools.count()
         self._seen: dict[int, SeenTokens] = {}
+        self._unprefilled: list[Request] = []
 
     # -- the three model-specific hooks (a faster engine overrides these) --------------------------
 
@@ -86,6 +88,10 @@ class BatchGenerator:
     def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.cache.k.device)
         return self.model(tokens, self.cache, 0, torch.tensor([slot]))[:, -1]
+
+    def _prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Logits ``[len(prompts), vocab]`` of each prompt's last token, prompt ``i`` prefilled into ``slots[i]``."""
+        return torch.cat([self._prefill(p, s).clone() for p, s in zip(prompts, slots)])
 
     def _decode(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         logits = self.model(torch.tensor(tokens, dtype=torch.long).view(-1, 1), self.cache,
@@ -104,7 +110,8 @@ class BatchGenerator:
 
     @torch.no_grad()
     def add(self, prompt: list[int], params: SamplingParams, eos_ids: set[int] | None = None, user_data: Any = None) -> int:
-        """Prefill ``prompt`` into a free slot and return the new request's id."""
+        """Take ``prompt`` into a free slot and return the new request's id (the next :meth:`step` or
+        :meth:`prefill_pending` prefills it, with every other prompt added since)."""
         params.validate()
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -115,12 +122,31 @@ class BatchGenerator:
         slot = self._free.pop(0)
         request = Request(next(self._ids), slot, list(prompt), params, set(eos_ids or ()), make_generator(params.seed),
                           user_data=user_data)
-        request.next_logits = self._prefill(request.prompt, slot).clone()
-        request.position = len(prompt)
         if params.repetition_penalty != 1.0:
             self._seen[request.id] = SeenTokens(request.prompt, params.max_tokens)
         self.requests[request.id] = request
+        self._unprefilled.append(request)
         return request.id
+
+    @torch.no_grad()
+    def prefill_pending(self) -> None:
+        """Prefill every request added since the last call, in one pass where the model can.
+
+        If that fails, those requests are cancelled (their slots freed) and the error is raised; requests
+        prefilled earlier are unaffected.
+        """
+        pending, self._unprefilled = self._unprefilled, []
+        if not pending:
+            return
+        try:
+            logits = self._prefill_many([r.prompt for r in pending], [r.slot for r in pending])
+        except BaseException:
+            for r in pending:
+                self.cancel(r.id)
+            raise
+        for i, r in enumerate(pending):
+            r.next_logits = logits[i : i + 1].clone()
+            r.position = len(r.prompt)
 
     def cancel(self, request_id: int) -> None:
         """Stop a request now and free its slot (unknown ids are ignored)."""
@@ -128,10 +154,13 @@ class BatchGenerator:
         self._seen.pop(request_id, None)
         if request is not None:
             self._free.append(request.slot)
+            self._unprefilled = [r for r in self._unprefilled if r is not request]
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
-        """Sample one token for every active request, then run one batched forward pass for them."""
+        """Prefill new requests, sample one token for every active request, then run one batched forward
+        pass for them."""
+        self.prefill_pending()
         outputs: list[StepOutput] = []
         continuing: list[Request] = []
         for request in list(self.requests.values()):

@@ -389,5 +389,8 @@ class EngineBatchGenerator(BatchGenerator):
     def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
         return self.model.prefill(prompt, self.cache, slot, 0)
 
+    def _prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        return self.model.prefill_batch(prompts, self.cache, slots)
+
     def _decode(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         return self.model.decode(tokens, self.cache, slots, positions)

@@ -348,6 +348,51 @@ class EngineModel:
         return self.head.logits(rms_norm(x, self.final_norm, self.eps))
 
     @torch.inference_mode()
+    def prefill_batch(self, prompts: list[list[int]], cache: EngineKVCache, slots: list[int],
+                      starts: list[int] | None = None, max_rows: int = 1024) -> torch.Tensor:
+        """Run several sequences' tokens (``prompts[i]`` into ``slots[i]`` from position ``starts[i]``, default
+        0) in passes of at most ``max_rows`` rows in all, one GEMM per weight per pass; returns
+        ``[len(prompts), vocab]``, the logits of each sequence's last token.
+
+        The numbers equal :meth:`prefill` of each sequence on its own; many short prompts (a server's new
+        requests) share the weight reads and run at the GEMM's speed instead of a short prompt's.
+        """
+        n = len(prompts)
+        starts = [0] * n if starts is None else list(starts)
+        if len(slots) != n or len(starts) != n:
+            raise ValueError("give one slot and one start position per prompt")
+        if len(set(slots)) != n:
+            raise ValueError("two prompts share a cache slot")
+        if max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+        for ids, slot, start in zip(prompts, slots, starts):
+            if len(ids) == 0:
+                raise ValueError("no tokens to run")
+            if not 0 <= slot < cache.slots:
+                raise ValueError(f"slot {slot} is outside the cache's {cache.slots} slots")
+            if start < 0 or start + len(ids) > cache.max_len:
+                raise ValueError(f"sequence of {start + len(ids)} tokens exceeds the cache length {cache.max_len}")
+        if n == 0:
+            return torch.empty(0, self.config.vocab_size)
+        if not self.use_fast_path or n == 1:
+            return torch.cat([self.prefill(ids, cache, slot, start).clone()
+                              for ids, slot, start in zip(prompts, slots, starts)])
+        rows = [(int(t), slot, start + j, j == len(ids) - 1)
+                for ids, slot, start in zip(prompts, slots, starts) for j, t in enumerate(ids)]
+        out = torch.empty(n, self.config.vocab_size)
+        done = 0
+        kp_h, kp_f = self.layers[0].qkv._kp, self.layers[0].down._kp
+        for a in range(0, len(rows), max_rows):
+            chunk = rows[a : a + max_rows]
+            last = [i for i, r in enumerate(chunk) if r[3]]
+            fb = _FastBuffers(self.config, len(chunk), kp_h, kp_f, logit_rows=max(1, len(last)))
+            logits = self._run_fast(fb, [r[0] for r in chunk], cache, [r[1] for r in chunk], [r[2] for r in chunk],
+                                    logit_rows=last)
+            out[done : done + len(last)] = logits
+            done += len(last)
+        return out
+
+    @torch.inference_mode()
     def decode(self, tokens: list[int], cache: EngineKVCache, slots: list[int], positions: list[int]) -> torch.Tensor:
         """One new token for each of ``B`` sequences (token ``tokens[b]`` at ``positions[b]`` of ``slots[b]``).
 
@@ -368,9 +413,10 @@ class EngineModel:
         return self._run_fast(fb, tokens, cache, slots, positions)
 
     def _run_fast(self, fb: "_FastBuffers", tokens: list[int], cache: EngineKVCache, slots: list[int],
-                  positions: list[int], last_only: bool = False) -> torch.Tensor:
+                  positions: list[int], last_only: bool = False, logit_rows: list[int] | None = None) -> torch.Tensor:
         """Rows ``tokens[b]`` at ``positions[b]`` of ``slots[b]`` on the C path, in order (so rows of one slot
-        at consecutive positions attend causally); logits of every row, or of the last one."""
+        at consecutive positions attend causally); logits of every row, of the last one, or of the rows
+        listed in ``logit_rows`` (in that order)."""
         from .headkernel import load_head_kernel
 
         C = load_head_kernel()
@@ -427,6 +473,12 @@ class EngineModel:
             act_quant(*aq)
             for a in mm_down:
                 mm(*a)
+        if logit_rows is not None:
+            if not logit_rows:
+                return fb.logits[:0]
+            norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
+            picked = fb.xn.index_select(0, torch.tensor(logit_rows, dtype=torch.long))
+            return self.head.logits(picked, fb.logits[: len(logit_rows)])
         if last_only:
             last = (B - 1) * h * 4
             norm_quant(xp + last, downp + last, self.final_norm.data_ptr(), eps, 1, h, xnp + last, None, 0, None, None)

@@ -3,7 +3,8 @@
 Requests become :class:`Job` objects (one per returned choice). :meth:`GenerationWorker.submit` puts
 them in a bounded waiting queue (:class:`QueueFull` when it is full); between decode steps the worker
 thread cancels jobs whose clients went away or whose time ran out, admits waiting jobs into free KV
-cache slots (prefill), then runs one :meth:`Engine.step` that advances every active job by one token
+cache slots and prefills their prompts together (one pass for all of them where the engine has
+``prefill_pending``), then runs one :meth:`Engine.step` that advances every active job by one token
 in a single batched forward pass. Text deltas and the final result go back to the asyncio side
 through each job's :class:`asyncio.Queue` (``loop.call_soon_threadsafe``); the jobs of one request
 may share a queue, their events tagged with the job's ``index``.
@@ -39,7 +40,11 @@ class StepResult(Protocol):
 
 
 class Engine(Protocol):
-    """A continuous-batching generator: requests join with :meth:`add`, advance together in :meth:`step`."""
+    """A continuous-batching generator: requests join with :meth:`add`, advance together in :meth:`step`.
+
+    An engine may also have ``prefill_pending()`` (prefill every request added since its last call, in
+    one pass); the worker calls it after admitting jobs, so a failure there reaches only those jobs.
+    """
 
     max_len: int
 
@@ -205,6 +210,8 @@ class GenerationWorker:
                 self.free_slots = self.engine.free_slots - len(admit)
             for job in admit:
                 self._admit(job)
+            if admit:
+                self._prefill([job for job in admit if job.engine_id in self._running])
             self._expire()
             if self._running:
                 self._step()
@@ -251,6 +258,20 @@ class GenerationWorker:
         job.decoder = IncrementalDecoder(self.tokenizer, job.stop)
         self._running[job.engine_id] = job
         self.metrics.add(prompt_tokens=len(job.prompt))
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill the jobs just admitted, together (engines without ``prefill_pending`` prefill in ``add``)."""
+        prefill = getattr(self.engine, "prefill_pending", None)
+        if not jobs or prefill is None:
+            return
+        try:
+            prefill()
+        except Exception as e:  # the engine has released these jobs' slots; the others go on
+            log.exception("prefill failed")
+            for job in jobs:
+                self._running.pop(job.engine_id, None)
+                job.closed = True
+                self._send(job, Event("error", status=500, text=f"prefill failed: {e}"))
 
     def _timeout(self, job: Job) -> None:
         self._drop(job)

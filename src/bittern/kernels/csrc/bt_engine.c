@@ -167,30 +167,33 @@ int bt_eng_attend(float *qkv, int64_t H, int64_t KVH, int64_t hd, int64_t pos, c
  */
 
 /* Attention of all B rows of a layer in one pool dispatch (AVX2 path). rows[2b], rows[2b+1]: slot and
- * position of row b; the layer's planes start at slot index plane0. Batched only when no row needs a
- * position that a later row of its slot writes: one slot with rising positions (a prefill), or, for up
- * to 64 rows, positions rising within every slot. Returns 0 when done, 1 when the caller must run the
- * rows one by one, -1 on bad arguments. */
+ * position of row b; the layer's planes start at slot index plane0 = layer * nslots. Batched only when no
+ * row needs a position that a later row of its slot writes, i.e. positions rise within every slot (a
+ * prefill of one or several sequences, a decode step). Returns 0 when done, 1 when the caller must run
+ * the rows one by one, -1 on bad arguments. */
 #ifdef BT_ENGINE_X86
-static int attend_batched(float *qkv, int64_t ldqkv, int64_t B, const int64_t *rows, int64_t plane0, int64_t H, int64_t KVH,
-                          int64_t hd, const float *cos, const float *sin, char *kbase, char *vbase, char *ksbase,
-                          char *vsbase, int64_t plane, int64_t splane, int dt, int64_t max_len, float *out, int64_t ldout) {
+static int attend_batched(float *qkv, int64_t ldqkv, int64_t B, const int64_t *rows, int64_t layer, int64_t nslots,
+                          int64_t H, int64_t KVH, int64_t hd, const float *cos, const float *sin, char *kbase, char *vbase,
+                          char *ksbase, char *vsbase, int64_t plane, int64_t splane, int dt, int64_t max_len, float *out,
+                          int64_t ldout) {
     if (B < 2 || !use_avx2()) return 1;
-    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || dt < 0 || dt > 3) return -1;
+    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || dt < 0 || dt > 3 || nslots <= 0) return -1;
     if (dt == BT_KV_I8 && (!ksbase || !vsbase)) return -1;
-    int one_slot = 1;
-    for (int64_t b = 0; b < B; b++) {
-        if (rows[2 * b + 1] < 0 || rows[2 * b + 1] >= max_len) return -1;
-        if (b && (rows[2 * b] != rows[0] || rows[2 * b + 1] <= rows[2 * b - 1])) one_slot = 0;
+    int64_t last_small[64];
+    int64_t *last = nslots <= 64 ? last_small : malloc((size_t)nslots * sizeof *last);
+    if (!last) return 1;
+    for (int64_t s = 0; s < nslots; s++) last[s] = -1;
+    int rc = 0;
+    for (int64_t b = 0; b < B && rc != -1; b++) {
+        const int64_t slot = rows[2 * b], pos = rows[2 * b + 1];
+        if (slot < 0 || slot >= nslots || pos < 0 || pos >= max_len) rc = -1;
+        else if (pos <= last[slot]) rc = 1; /* a repeated or falling position: row by row */
+        else last[slot] = pos;
     }
-    if (!one_slot) {
-        if (B > 64) return 1;
-        for (int64_t b = 1; b < B; b++)
-            for (int64_t c = 0; c < b; c++)
-                if (rows[2 * c] == rows[2 * b] && rows[2 * c + 1] >= rows[2 * b + 1]) return 1;
-    }
-    return attend_rows_avx2(qkv, ldqkv, B, rows, plane0, H, KVH, hd, cos, sin, kbase, vbase, ksbase, vsbase, plane,
-                            splane, dt, max_len, out, ldout)
+    if (last != last_small) free(last);
+    if (rc) return rc;
+    return attend_rows_avx2(qkv, ldqkv, B, rows, layer * nslots, H, KVH, hd, cos, sin, kbase, vbase, ksbase, vsbase,
+                            plane, splane, dt, max_len, out, ldout)
                ? 1
                : 0;
 }
@@ -234,7 +237,7 @@ int bt_eng_decode_layers(const int64_t *bufs, const int64_t *plan, int64_t nlaye
                 break;
             case 1: /* attention: all rows in one dispatch where that gives the same numbers, else row by row */
 #ifdef BT_ENGINE_X86
-                rc = attend_batched(qkv, row_qkv, B, rows, i * bufs[BT_DEC_SLOTS], H, KVH, hd, cos, sin, kbase, vbase, ksbase,
+                rc = attend_batched(qkv, row_qkv, B, rows, i, bufs[BT_DEC_SLOTS], H, KVH, hd, cos, sin, kbase, vbase, ksbase,
                                     vsbase, plane, splane, dt, max_len, attn, h);
 #else
                 rc = 1;
