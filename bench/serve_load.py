@@ -71,8 +71,26 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def one_request(client, url: str, model: str, i: int, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": f"Tell me a story about the number {i}."}],
+def request_shape(i: int, max_tokens: int, spread: float, prompt_words: int) -> tuple[str, int]:
+    """Request ``i``'s user message and token count: ``prompt_words`` words of the demo text (from an
+    offset that depends on ``i``) before the question, and ``max_tokens`` scaled by a factor in
+    ``[1 - spread, 1 + spread]`` (deterministic in ``i``), so requests end, and new ones arrive, at
+    different steps."""
+    text = f"Tell me a story about the number {i}."
+    if prompt_words > 0:
+        from bittern.demo import demo_text
+
+        words = demo_text()[:400_000].split()
+        start = (i * 7919) % max(1, len(words) - prompt_words)
+        text = " ".join(words[start : start + prompt_words]) + "\n\n" + text
+    u = ((i * 2654435761) % 2**32) / 2**32
+    return text, max(1, round(max_tokens * (1 - spread + 2 * spread * u)))
+
+
+async def one_request(client, url: str, model: str, i: int, max_tokens: int, spread: float = 0.0,
+                      prompt_words: int = 0) -> dict:
+    content, max_tokens = request_shape(i, max_tokens, spread, prompt_words)
+    body = {"model": model, "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -105,7 +123,8 @@ async def one_request(client, url: str, model: str, i: int, max_tokens: int) -> 
             "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])], "tokens": tokens, "error": error}
 
 
-async def run_level(url: str, model: str, clients: int, requests_per_client: int, max_tokens: int, seconds: float) -> dict:
+async def run_level(url: str, model: str, clients: int, requests_per_client: int, max_tokens: int, seconds: float,
+                    spread: float = 0.0, prompt_words: int = 0) -> dict:
     import httpx
 
     deadline = time.perf_counter() + seconds
@@ -116,7 +135,7 @@ async def run_level(url: str, model: str, clients: int, requests_per_client: int
             for r in range(requests_per_client):
                 if time.perf_counter() > deadline:
                     return
-                results.append(await one_request(client, url, model, w * 1000 + r, max_tokens))
+                results.append(await one_request(client, url, model, w * 1000 + r, max_tokens, spread, prompt_words))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(clients)))
@@ -157,10 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests-per-client", default="8,4,2", help="requests each client sends, per level (default: 8,4,2)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
     p.add_argument("--max-batch", type=int, default=32, help="server KV-cache slots (default: 32)")
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="vary each request's token count by up to this fraction, so requests end and arrive at "
+                        "different steps (default: 0, all the same)")
+    p.add_argument("--prompt-words", type=int, default=0,
+                   help="words of demo text before each request's question (default: 0, a one-line prompt)")
+    p.add_argument("--prefill-chunk", type=int, help="the server's --prefill-chunk (default: the server's)")
     p.add_argument("--engine", default="auto", choices=["auto", "fast", "reference"], help="server engine (default: auto)")
     p.add_argument("--level-seconds", type=float, default=60.0, help="no new requests after this long in a level (default: 60)")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
+    if not 0 <= args.spread < 1 or args.prompt_words < 0:
+        p.error("--spread must be in [0, 1) and --prompt-words >= 0")
     levels = [int(x) for x in args.levels.split(",")]
     per_client = [int(x) for x in args.requests_per_client.split(",")]
     if len(per_client) != len(levels):
@@ -180,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bittern", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-queue", str(max(levels) * 2), "--served-model-name", name,
                "--engine", args.engine, "--log-level", "warning"]
+        if args.prefill_chunk is not None:
+            cmd += ["--prefill-chunk", str(args.prefill_chunk)]
         env = {k: v for k, v in os.environ.items() if k != "BITTERN_API_KEY"}
         proc = subprocess.Popen(cmd, env=env)
         try:
@@ -187,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_level(url, name, 1, 2, args.max_tokens, 30))  # warm-up
             rows = []
             for clients, k in zip(levels, per_client):
-                row = asyncio.run(run_level(url, name, clients, k, args.max_tokens, args.level_seconds))
+                row = asyncio.run(run_level(url, name, clients, k, args.max_tokens, args.level_seconds, args.spread,
+                                            args.prompt_words))
                 rows.append(row)
                 print(f"{clients:>3} clients: {row['requests']:>3} requests, {row['tokens']:>5} tokens in {row['wall_s']:6.1f} s "
                       f"= {row['tok_per_s']:7.1f} tok/s | TTFT p50 {row['ttft_p50_ms']:7.1f} ms p99 {row['ttft_p99_ms']:7.1f} ms | "
@@ -205,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup_vs_first"] = row["tok_per_s"] / base if base else float("nan")
     print(f"\naggregate throughput, {levels[-1]} clients vs {levels[0]}: {rows[-1]['speedup_vs_first']:.2f}x")
     result = {"model": f"random {args.config}" + (f" ({args.layers} layers)" if args.layers else "") if args.config else str(model), "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "engine": args.engine, "levels": rows}
+              "max_batch": args.max_batch, "engine": args.engine, "spread": args.spread,
+              "prompt_words": args.prompt_words, "prefill_chunk": args.prefill_chunk, "levels": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 1 if any(r["errors"] for r in rows) else 0

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench_script
 
 E2E = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", E2E)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("e2e")
 
 
 def test_merge_rounds_keeps_the_best_round_and_every_rate(e2e):

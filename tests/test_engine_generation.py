@@ -82,8 +82,9 @@ def test_batched_generation_equals_one_by_one(engine) -> None:
     assert [len(b.token_ids) for b in batched] == [12, 7, 15, 10]
 
 
-def test_batch_generator_interface(engine) -> None:
-    gen = engine.batch_generator(max_batch=2, max_len=64)
+@pytest.mark.parametrize("prefill_chunk", [256, None])  # prompts carried in decode passes, or prefilled whole
+def test_batch_generator_interface(engine, prefill_chunk) -> None:
+    gen = engine.batch_generator(max_batch=2, max_len=64, prefill_chunk=prefill_chunk)
     ids = engine.encode("ROMEO:")
     a = gen.add(ids, SamplingParams(max_tokens=6))
     b = gen.add(ids, SamplingParams(max_tokens=50))
@@ -103,35 +104,60 @@ def test_batch_generator_interface(engine) -> None:
     assert len(tokens[b]) == 3
 
 
-def test_batch_generator_prefills_new_requests_together(engine, monkeypatch) -> None:
-    """Requests added between steps are prefilled in one shared pass at the next step; a failure there
-    releases only those requests."""
-    gen = engine.batch_generator(max_batch=3, max_len=64)
-    calls = []
-    real = gen.model.prefill_batch
-    monkeypatch.setattr(gen.model, "prefill_batch", lambda prompts, *a, **k: calls.append(len(prompts)) or real(prompts, *a, **k))
-    ids = [engine.encode(p) for p in ("ROMEO:", "KING", "To be")]
-    a = gen.add(ids[0], SamplingParams(max_tokens=9))
-    b = gen.add(ids[1], SamplingParams(temperature=0.8, seed=2, max_tokens=9))
-    out = {a: [], b: []}
-    for o in gen.step():
-        out[o.request_id].append(o.token)
-    assert calls == [2]
+def test_batch_generator_carries_prompts_in_decode_steps(engine, monkeypatch) -> None:
+    """New prompts ride in the running requests' passes, at most ``prefill_chunk`` prompt tokens a step:
+    the running request gets a token every step, the new one its first token in the step that ends its
+    prompt, and both the same tokens as one by one."""
+    gen = engine.batch_generator(max_batch=2, max_len=96, prefill_chunk=4)
+    rows = []
+    real = gen.model.run_rows
+    monkeypatch.setattr(gen.model, "run_rows", lambda tokens, *a, **k: rows.append(len(tokens)) or real(tokens, *a, **k))
+    short, long = engine.encode("KING"), engine.encode("What say you, my lord? I pray you, speak")
+    assert len(short) <= 4 and len(long) > 9
+    pa, pb = SamplingParams(max_tokens=14), SamplingParams(temperature=0.8, seed=2, max_tokens=6)
+    a = gen.add(short, pa)
+    out = {a: []}
+    first = gen.step()
+    assert [o.request_id for o in first] == [a] and rows == [len(short)]
+    out[a] += [o.token for o in first]
+    b = gen.add(long, pb)
+    out[b] = []
+    steps_to_first_b = 0
+    while not out[b]:
+        got = {o.request_id: o.token for o in gen.step()}
+        steps_to_first_b += 1
+        assert a in got  # the running request never waits for the prompt
+        out[a].append(got[a])
+        if b in got:
+            out[b].append(got[b])
+    assert steps_to_first_b == -(-len(long) // 4) and max(rows[1:]) == 1 + 4
+    while gen.active:
+        for o in gen.step():
+            out[o.request_id].append(o.token)
+    assert out[a] == list(engine.generate_ids(short, pa, eos_ids=set()))
+    assert out[b] == list(engine.generate_ids(long, pb, eos_ids=set()))
+
+
+def test_failed_batch_step_releases_its_requests(engine, monkeypatch) -> None:
+    gen = engine.batch_generator(max_batch=2, max_len=64)
+    ids = engine.encode("ROMEO:")
+    gen.add(ids, SamplingParams(max_tokens=5))
+    gen.step()
+    gen.add(ids, SamplingParams(max_tokens=5))
 
     def broken(*args, **kwargs):
         raise RuntimeError("native failure")
 
-    monkeypatch.setattr(gen.model, "prefill_batch", broken)
-    c = gen.add(ids[2], SamplingParams(max_tokens=4))
-    assert gen.free_slots == 0
+    monkeypatch.setattr(gen.model, "run_rows", broken)
     with pytest.raises(RuntimeError, match="native failure"):
         gen.step()
-    assert gen.free_slots == 1 and gen.active == 2 and c not in gen.requests
+    assert gen.free_slots == 2 and gen.active == 0
+    monkeypatch.undo()
+    c = gen.add(ids, SamplingParams(max_tokens=5))
+    tokens = []
     while gen.active:
-        for o in gen.step():
-            out[o.request_id].append(o.token)
-    assert out[a] == list(engine.generate_ids(ids[0], SamplingParams(max_tokens=9), eos_ids=set()))
-    assert out[b] == list(engine.generate_ids(ids[1], SamplingParams(temperature=0.8, seed=2, max_tokens=9), eos_ids=set()))
+        tokens += [o.token for o in gen.step() if o.request_id == c]
+    assert tokens == list(engine.generate_ids(ids, SamplingParams(max_tokens=5), eos_ids=set()))
 
 
 def test_bad_inputs_raise_clear_errors(engine) -> None:

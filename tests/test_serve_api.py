@@ -4,6 +4,7 @@ headless Chromium when it is installed."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -418,6 +419,26 @@ def test_cli_errors_are_one_line(capsys, tmp_path) -> None:
     assert "no such model directory" in err and "Traceback" not in err
     assert main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk" in capsys.readouterr().err
+
+
+def test_fast_engine_server_carries_prompts_in_steps(model_dir) -> None:
+    """The fast engine behind the server, prompts carried 3 tokens a step: concurrent streams all finish,
+    each with the tokens one request alone gets."""
+    app = build_app(model_dir, ServeConfig(model_name=MODEL), max_batch=3, engine="fast", prefill_chunk=3)
+    with ServerThread(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        prompts = ["to be or not to be, that is the question", "ROMEO:", "what light through yonder window breaks"]
+
+        def one(p: str) -> str:
+            out = c.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+            return out.choices[0].text
+
+        alone = [one(p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(one, prompts))
+        assert together == alone and all(alone)
 
 
 # ---------------------------------------------------------------------------------------- the chat page

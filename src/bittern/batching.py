@@ -4,7 +4,10 @@
 takes a new request into a free slot; :meth:`~BatchGenerator.step` prefills the requests added since
 the last step (together, in one pass where the model can) and then advances every active request by
 one token with a single forward pass (one matrix product per layer for the whole batch);
-:meth:`~BatchGenerator.cancel` frees a slot at once. Each request samples with its own parameters and
+:meth:`~BatchGenerator.cancel` frees a slot at once. A generator whose model can run rows of any slots
+in one pass (the engine's) sets ``prefill_chunk``: each step then carries up to that many prompt tokens
+of new requests in the same pass as the running requests' next tokens, so a long prompt neither stalls
+the running streams for its whole prefill nor costs a pass of its own. Each request samples with its own parameters and
 seeded generator, so its tokens do not depend on what else shares the batch.
 """
 
@@ -49,6 +52,7 @@ class Request:
     eos_ids: set[int]
     generator: torch.Generator
     position: int = 0
+    prefilled: int = 0
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
@@ -68,6 +72,10 @@ class StepOutput:
 
 class BatchGenerator:
     """Continuous-batching generator over a :class:`Transformer` (reference or packed)."""
+
+    #: prompt tokens a step carries along with the decode rows (None: whole prompts, before the step's
+    #: decode pass; set where :meth:`_forward_rows` is implemented)
+    prefill_chunk: int | None = None
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None) -> None:
         self.model = model
@@ -92,6 +100,10 @@ class BatchGenerator:
     def _prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Logits ``[len(prompts), vocab]`` of each prompt's last token, prompt ``i`` prefilled into ``slots[i]``."""
         return torch.cat([self._prefill(p, s).clone() for p, s in zip(prompts, slots)])
+
+    def _forward_rows(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
+        """Rows of any slots in one pass (rising positions within a slot); logits of ``logit_rows``."""
+        raise NotImplementedError
 
     def _decode(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         logits = self.model(torch.tensor(tokens, dtype=torch.long).view(-1, 1), self.cache,
@@ -130,11 +142,14 @@ class BatchGenerator:
 
     @torch.no_grad()
     def prefill_pending(self) -> None:
-        """Prefill every request added since the last call, in one pass where the model can.
+        """Prefill every request added since the last call, in one pass where the model can (with
+        ``prefill_chunk`` set, nothing: the steps carry the prompts).
 
         If that fails, those requests are cancelled (their slots freed) and the error is raised; requests
         prefilled earlier are unaffected.
         """
+        if self.prefill_chunk is not None:
+            return
         pending, self._unprefilled = self._unprefilled, []
         if not pending:
             return
@@ -146,7 +161,7 @@ class BatchGenerator:
             raise
         for i, r in enumerate(pending):
             r.next_logits = logits[i : i + 1].clone()
-            r.position = len(r.prompt)
+            r.position = r.prefilled = len(r.prompt)
 
     def cancel(self, request_id: int) -> None:
         """Stop a request now and free its slot (unknown ids are ignored)."""
@@ -158,33 +173,95 @@ class BatchGenerator:
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
-        """Prefill new requests, sample one token for every active request, then run one batched forward
-        pass for them."""
+        """Advance every request whose prompt is in the cache by one token, with one batched forward pass.
+
+        Without ``prefill_chunk``: new requests' whole prompts are prefilled first, then every request
+        samples from its waiting logits and one pass runs the sampled tokens. With it: one pass runs each
+        request's last sampled token together with up to ``prefill_chunk`` prompt tokens of new requests,
+        then every request it produced logits for samples (a prompt that ends in this pass yields its first
+        token at once). A failed pass cancels the requests it carried and raises.
+        """
+        if self.prefill_chunk is not None:
+            return self._step_carrying_prompts()
         self.prefill_pending()
         outputs: list[StepOutput] = []
         continuing: list[Request] = []
         for request in list(self.requests.values()):
-            seen = self._seen.get(request.id)
-            token = int(sample_next(request.next_logits, request.params, request.generator,
-                                    seen.view() if seen is not None else None)[0])
-            request.generated.append(token)
-            if seen is not None:
-                seen.add(token)
-            reason = None
-            if token in request.eos_ids:
-                reason = "stop"
-            elif len(request.generated) >= request.params.max_tokens or request.position + 1 >= self.max_len:
-                reason = "length"
-            if reason:
-                request.finished, request.finish_reason = True, reason
-                self.cancel(request.id)
-            else:
-                continuing.append(request)
-            outputs.append(StepOutput(request.id, token, reason is not None, reason))
+            self._sample(request, outputs, continuing)
         if continuing:
-            logits = self._decode([r.generated[-1] for r in continuing], [r.slot for r in continuing],
-                                  [r.position for r in continuing])
+            try:
+                logits = self._decode([r.generated[-1] for r in continuing], [r.slot for r in continuing],
+                                      [r.position for r in continuing])
+            except BaseException:
+                for r in continuing:
+                    self.cancel(r.id)
+                raise
             for i, r in enumerate(continuing):
                 r.next_logits = logits[i : i + 1].clone()
                 r.position += 1
         return outputs
+
+    def _step_carrying_prompts(self) -> list[StepOutput]:
+        running = [r for r in self.requests.values() if r.prefilled == len(r.prompt)]
+        tokens = [r.generated[-1] for r in running]
+        slots = [r.slot for r in running]
+        positions = [r.position for r in running]
+        wanted = list(range(len(running)))
+        completed: list[Request] = []
+        carried: list[tuple[Request, int]] = []
+        budget = self.prefill_chunk or 0
+        for r in self._unprefilled:
+            if budget <= 0:
+                break
+            n = min(budget, len(r.prompt) - r.prefilled)
+            tokens += r.prompt[r.prefilled : r.prefilled + n]
+            slots += [r.slot] * n
+            positions += range(r.prefilled, r.prefilled + n)
+            budget -= n
+            carried.append((r, n))
+            if r.prefilled + n == len(r.prompt):
+                wanted.append(len(tokens) - 1)
+                completed.append(r)
+        if not tokens:
+            return []
+        try:
+            if carried:
+                logits = self._forward_rows(tokens, slots, positions, wanted)
+            else:
+                logits = self._decode(tokens, slots, positions)
+        except BaseException:
+            for r in running + [r for r, _ in carried]:
+                self.cancel(r.id)
+            raise
+        for r, n in carried:
+            r.prefilled += n
+        if completed:
+            self._unprefilled = [r for r in self._unprefilled if r.prefilled < len(r.prompt)]
+        outputs: list[StepOutput] = []
+        for i, r in enumerate(running + completed):
+            r.next_logits = logits[i : i + 1]
+            r.position = r.position + 1 if i < len(running) else len(r.prompt)
+            self._sample(r, outputs, [])
+            r.next_logits = None  # the sampled token runs in the next step's pass
+        return outputs
+
+    def _sample(self, request: Request, outputs: list[StepOutput], continuing: list[Request]) -> None:
+        """Sample ``request``'s next token from its waiting logits; record the output, and append the
+        request to ``continuing`` unless it has finished (then its slot is freed)."""
+        seen = self._seen.get(request.id)
+        token = int(sample_next(request.next_logits, request.params, request.generator,
+                                seen.view() if seen is not None else None)[0])
+        request.generated.append(token)
+        if seen is not None:
+            seen.add(token)
+        reason = None
+        if token in request.eos_ids:
+            reason = "stop"
+        elif len(request.generated) >= request.params.max_tokens or request.position + 1 >= self.max_len:
+            reason = "length"
+        if reason:
+            request.finished, request.finish_reason = True, reason
+            self.cancel(request.id)
+        else:
+            continuing.append(request)
+        outputs.append(StepOutput(request.id, token, reason is not None, reason))

@@ -9,6 +9,7 @@ tokens; decode runs one GEMV per layer per token, or one GEMM for a batch of seq
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,17 +378,41 @@ class EngineModel:
         if not self.use_fast_path or n == 1:
             return torch.cat([self.prefill(ids, cache, slot, start).clone()
                               for ids, slot, start in zip(prompts, slots, starts)])
-        rows = [(int(t), slot, start + j, j == len(ids) - 1)
-                for ids, slot, start in zip(prompts, slots, starts) for j, t in enumerate(ids)]
-        out = torch.empty(n, self.config.vocab_size)
+        tokens = [int(t) for ids in prompts for t in ids]
+        row_slots = [slot for ids, slot in zip(prompts, slots) for _ in ids]
+        positions = [start + j for ids, start in zip(prompts, starts) for j in range(len(ids))]
+        ends = list(itertools.accumulate(len(ids) for ids in prompts))
+        return self.run_rows(tokens, cache, row_slots, positions, [e - 1 for e in ends], max_rows)
+
+    @torch.inference_mode()
+    def run_rows(self, tokens: list[int], cache: EngineKVCache, slots: list[int], positions: list[int],
+                 logit_rows: list[int], max_rows: int = 1024) -> torch.Tensor:
+        """Token ``tokens[b]`` at ``positions[b]`` of ``slots[b]`` for every row ``b``, in passes of at most
+        ``max_rows`` rows (one GEMM per weight per pass); returns the logits of the rows listed in
+        ``logit_rows`` (rising), ``[len(logit_rows), vocab]``.
+
+        Rows of one slot must come in rising positions, each following what the cache holds; rows of
+        different slots mix freely (a decode step's rows with chunks of new prompts).
+        """
+        B = len(tokens)
+        if len(slots) != B or len(positions) != B:
+            raise ValueError("give one slot and one position per row")
+        if any(b < 0 or b >= B for b in logit_rows) or any(a >= b for a, b in zip(logit_rows, logit_rows[1:])):
+            raise ValueError("logit_rows must be rising row indices")
+        if not self.use_fast_path:
+            raise RuntimeError("run_rows needs the native engine path")
+        if B and (min(slots) < 0 or max(slots) >= cache.slots):
+            raise ValueError(f"a slot is outside the cache's {cache.slots} slots")
+        if B and (min(positions) < 0 or max(positions) >= cache.max_len):
+            raise ValueError(f"a position is outside the cache length {cache.max_len}")
+        out = torch.empty(len(logit_rows), self.config.vocab_size)
         done = 0
         kp_h, kp_f = self.layers[0].qkv._kp, self.layers[0].down._kp
-        for a in range(0, len(rows), max_rows):
-            chunk = rows[a : a + max_rows]
-            last = [i for i, r in enumerate(chunk) if r[3]]
-            fb = _FastBuffers(self.config, len(chunk), kp_h, kp_f, logit_rows=max(1, len(last)))
-            logits = self._run_fast(fb, [r[0] for r in chunk], cache, [r[1] for r in chunk], [r[2] for r in chunk],
-                                    logit_rows=last)
+        for a in range(0, B, max_rows):
+            b = min(B, a + max_rows)
+            last = [r - a for r in logit_rows if a <= r < b]
+            fb = _FastBuffers(self.config, b - a, kp_h, kp_f, logit_rows=max(1, len(last)))
+            logits = self._run_fast(fb, tokens[a:b], cache, slots[a:b], positions[a:b], logit_rows=last)
             out[done : done + len(last)] = logits
             done += len(last)
         return out

@@ -31,12 +31,14 @@ def default_model_path() -> Path:
                      "(a packed bittern model directory)")
 
 
-def make_engine(model_dir: str | os.PathLike, max_batch: int = 8, max_len: int | None = None, engine: str = "auto") -> Engine:
+def make_engine(model_dir: str | os.PathLike, max_batch: int = 8, max_len: int | None = None, engine: str = "auto",
+                prefill_chunk: int | None = None) -> Engine:
     """The continuous-batching engine for a packed model directory.
 
     ``engine="reference"`` is :class:`bittern.batching.BatchGenerator` over :func:`~bittern.modelfile.load_packed`;
     ``"fast"`` is ``bittern.engine.Engine.load(dir).batch_generator(...)`` (same interface); ``"auto"``
-    takes the fast one when it imports.
+    takes the fast one when it imports. ``prefill_chunk``: prompt tokens a fast-engine step carries with
+    the running requests (default: the engine's, ``bittern.engine.generate.DEFAULT_PREFILL_CHUNK``).
     """
     if engine not in ("auto", "fast", "reference"):
         raise ValueError(f"engine must be 'auto', 'fast' or 'reference', got {engine!r}")
@@ -47,7 +49,10 @@ def make_engine(model_dir: str | os.PathLike, max_batch: int = 8, max_len: int |
             if engine == "fast":
                 raise UsageError(f"the fast engine is not available ({e})") from None
         else:
-            return FastEngine.load(model_dir).batch_generator(max_batch=max_batch, max_len=max_len)
+            fast = FastEngine.load(model_dir)
+            if prefill_chunk is None:
+                return fast.batch_generator(max_batch=max_batch, max_len=max_len)
+            return fast.batch_generator(max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk)
     from ..batching import BatchGenerator
     from ..modelfile import load_packed
 
@@ -55,7 +60,8 @@ def make_engine(model_dir: str | os.PathLike, max_batch: int = 8, max_len: int |
 
 
 def build_app(model_dir: str | os.PathLike, config: ServeConfig | None = None, max_batch: int = 8,
-              max_len: int | None = None, engine: str = "auto", engine_wrapper: Callable[[Engine], Engine] | None = None) -> Any:
+              max_len: int | None = None, engine: str = "auto", engine_wrapper: Callable[[Engine], Engine] | None = None,
+              prefill_chunk: int | None = None) -> Any:
     """The server application for a packed model directory (its tokenizer must be inside it)."""
     from ..modelfile import read_config
     from ..tokenizer import load_tokenizer
@@ -64,11 +70,13 @@ def build_app(model_dir: str | os.PathLike, config: ServeConfig | None = None, m
     info = read_config(model_dir)
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError("prefill_chunk must be at least 1")
     tok_name = info.get("tokenizer") or "tokenizer.json"
     if not (model_dir / tok_name).is_file():
         raise UsageError(f"{model_dir}: no tokenizer ({tok_name}) in the model directory; the server needs one")
     tokenizer = load_tokenizer(model_dir / tok_name)
-    generator = make_engine(model_dir, max_batch=max_batch, max_len=max_len, engine=engine)
+    generator = make_engine(model_dir, max_batch=max_batch, max_len=max_len, engine=engine, prefill_chunk=prefill_chunk)
     if engine_wrapper is not None:
         generator = engine_wrapper(generator)
     config = config or ServeConfig(model_name=model_dir.name)
