@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,17 +32,20 @@ CFG = get_config("tiny", hidden_size=256, intermediate_size=256, num_heads=4, nu
 
 
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory) -> dict[str, bytes]:
+def seeds(tmp_path_factory) -> Iterator[dict[str, bytes]]:
     from bittern import kernels
-    kernels.set_backend("reference")
+
+    previous = kernels._active
+    kernels.set_backend("reference")  # for this module only: later modules expect the native backend
     d = tmp_path_factory.mktemp("fuzzseed")
     torch.manual_seed(0)
     model = Transformer(CFG).freeze()
     gguf_bytes = save_gguf(model, d / "m.gguf", weight_type="TQ2_0").read_bytes()
     from bittern.interop.hf import save_hf
     hf_dir = save_hf(model, d / "hf", dtype="float16")
-    return {"gguf": gguf_bytes, "safetensors": (hf_dir / "model.safetensors").read_bytes(),
-            "config": (hf_dir / "config.json").read_bytes()}
+    yield {"gguf": gguf_bytes, "safetensors": (hf_dir / "model.safetensors").read_bytes(),
+           "config": (hf_dir / "config.json").read_bytes()}
+    kernels._active = previous
 
 
 def _mutations():
