@@ -138,6 +138,40 @@ def test_batch_generator_carries_prompts_in_decode_steps(engine, monkeypatch) ->
     assert out[b] == list(engine.generate_ids(long, pb, eos_ids=set()))
 
 
+@pytest.mark.parametrize("prefill_chunk", [256, 3, None])
+def test_new_request_reuses_the_cached_prefix_of_a_finished_one(engine, prefill_chunk) -> None:
+    """A prompt that continues a finished request's text goes to that request's slot and prefills only
+    what the cache lacks; its tokens equal a fresh generation's. An unrelated prompt takes the slot
+    released longest ago, leaving the useful cache alone."""
+    gen = engine.batch_generator(max_batch=2, max_len=96, prefill_chunk=prefill_chunk)
+    first = engine.encode("ROMEO: What say you")
+    greedy = SamplingParams(max_tokens=6)
+
+    def run(rid: int) -> list[int]:
+        toks = []
+        while rid in gen.requests:
+            toks += [o.token for o in gen.step() if o.request_id == rid]
+        return toks
+
+    a = gen.add(first, greedy)
+    slot_a = gen.requests[a].slot
+    said = run(a)
+    assert len(said) == 6
+    other = gen.add(engine.encode("KING"), SamplingParams(max_tokens=3))
+    assert gen.requests[other].slot != slot_a and gen.cached_prompt_tokens(other) == 0
+    follow = first + said + engine.encode(" my lord")
+    params = SamplingParams(temperature=0.7, seed=4, max_tokens=7)
+    d = gen.add(follow, params)
+    assert gen.requests[d].slot == slot_a
+    assert gen.cached_prompt_tokens(d) == len(first) + 5  # the last generated token never ran
+    got = run(d)
+    assert got == list(engine.generate_ids(follow, params, eos_ids=set()))
+    run(other)
+    again = gen.add(first, greedy)  # the whole prompt is cached: its last token still runs, for the logits
+    assert gen.cached_prompt_tokens(again) == len(first) - 1
+    assert run(again) == said
+
+
 def test_failed_batch_step_releases_its_requests(engine, monkeypatch) -> None:
     gen = engine.batch_generator(max_batch=2, max_len=64)
     ids = engine.encode("ROMEO:")

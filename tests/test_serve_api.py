@@ -426,7 +426,10 @@ def test_cli_errors_are_one_line(capsys, tmp_path) -> None:
 def test_fast_engine_server_carries_prompts_in_steps(model_dir) -> None:
     """The fast engine behind the server, prompts carried 3 tokens a step: concurrent streams all finish,
     each with the tokens one request alone gets."""
-    app = build_app(model_dir, ServeConfig(model_name=MODEL), max_batch=3, engine="fast", prefill_chunk=3)
+    engines = []
+    app = build_app(model_dir, ServeConfig(model_name=MODEL), max_batch=3, engine="fast", prefill_chunk=3,
+                    engine_wrapper=lambda e: engines.append(e) or e)
+    assert engines[0].prefill_chunk == 3 and engines[0].reuse_prefix  # the native path, not the torch fallback
     with ServerThread(app) as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
         prompts = ["to be or not to be, that is the question", "ROMEO:", "what light through yonder window breaks"]
@@ -439,6 +442,17 @@ def test_fast_engine_server_carries_prompts_in_steps(model_dir) -> None:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             together = list(pool.map(one, prompts))
         assert together == alone and all(alone)
+        # a second chat turn resends the first: its prompt is found in the KV cache (usage reports it)
+        msgs = [{"role": "user", "content": "to be or not to be, that is the question"}]
+        r1 = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
+        msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "and then?"}]
+        r2 = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
+        cached = r2.usage.prompt_tokens_details.cached_tokens
+        assert r1.usage.prompt_tokens // 2 < cached < r2.usage.prompt_tokens
+        text = httpx.get(srv.url + "/metrics", timeout=10).text
+        total = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("bittern_prompt_tokens_cached_total")]
+        assert len(total) == 1 and total[0] >= cached
 
 
 # ---------------------------------------------------------------------------------------- the chat page

@@ -52,7 +52,8 @@ class Request:
     eos_ids: set[int]
     generator: torch.Generator
     position: int = 0
-    prefilled: int = 0
+    prefilled: int = 0  # prompt tokens whose keys and values are in the cache
+    cached_prompt_tokens: int = 0  # of those, the ones an earlier request left there
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
@@ -70,12 +71,25 @@ class StepOutput:
     finish_reason: str | None
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
+    return int(diff[0, 0]) if len(diff) else n
+
+
 class BatchGenerator:
     """Continuous-batching generator over a :class:`Transformer` (reference or packed)."""
 
     #: prompt tokens a step carries along with the decode rows (None: whole prompts, before the step's
     #: decode pass; set where :meth:`_forward_rows` is implemented)
     prefill_chunk: int | None = None
+    #: take a new request into the free slot whose cache already holds the longest prefix of its prompt,
+    #: and prefill only the rest (set where a token's cached keys and values do not depend on the pass
+    #: that computed them: the engine's, bit-exact kernels)
+    reuse_prefix: bool = False
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None) -> None:
         self.model = model
@@ -87,19 +101,23 @@ class BatchGenerator:
         self._ids = itertools.count()
         self._seen: dict[int, SeenTokens] = {}
         self._unprefilled: list[Request] = []
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free slot's cache holds
+        self._released = [0] * max_batch
+        self._clock = itertools.count(1)
 
     # -- the three model-specific hooks (a faster engine overrides these) --------------------------
 
     def _new_cache(self) -> Any:
         return KVCache(self.model.config, self.max_batch, self.max_len, device=self.model.embed_tokens.weight.device)
 
-    def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
+    def _prefill(self, prompt: list[int], slot: int, start: int = 0) -> torch.Tensor:
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.cache.k.device)
-        return self.model(tokens, self.cache, 0, torch.tensor([slot]))[:, -1]
+        return self.model(tokens, self.cache, start, torch.tensor([slot]))[:, -1]
 
-    def _prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Logits ``[len(prompts), vocab]`` of each prompt's last token, prompt ``i`` prefilled into ``slots[i]``."""
-        return torch.cat([self._prefill(p, s).clone() for p, s in zip(prompts, slots)])
+    def _prefill_many(self, prompts: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
+        """Logits ``[len(prompts), vocab]`` of each prompt's last token, prompt ``i`` prefilled into ``slots[i]``
+        from position ``starts[i]``."""
+        return torch.cat([self._prefill(p, s, st).clone() for p, s, st in zip(prompts, slots, starts)])
 
     def _forward_rows(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
         """Rows of any slots in one pass (rising positions within a slot); logits of ``logit_rows``."""
@@ -131,14 +149,33 @@ class BatchGenerator:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.max_len}")
         if not self._free:
             raise RuntimeError("no free slot: wait for a request to finish")
-        slot = self._free.pop(0)
+        slot, reused = self._pick_slot(prompt)
         request = Request(next(self._ids), slot, list(prompt), params, set(eos_ids or ()), make_generator(params.seed),
-                          user_data=user_data)
+                          user_data=user_data, prefilled=reused, cached_prompt_tokens=reused)
         if params.repetition_penalty != 1.0:
             self._seen[request.id] = SeenTokens(request.prompt, params.max_tokens)
         self.requests[request.id] = request
         self._unprefilled.append(request)
         return request.id
+
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for ``prompt`` (taken from the free list) and how many of its first tokens that
+        slot's cache already holds: the longest cached prefix with ``reuse_prefix``, else none; among
+        equals, the slot released longest ago (its cache is the least likely to be wanted again)."""
+        best, best_key, best_len = self._free[0], None, 0
+        for slot in self._free:
+            n = _common_prefix(self._slot_tokens[slot], prompt) if self.reuse_prefix else 0
+            key = (n, -self._released[slot])
+            if best_key is None or key > best_key:
+                best, best_key, best_len = slot, key, n
+        self._free.remove(best)
+        self._slot_tokens[best] = []
+        return best, min(best_len, len(prompt) - 1)  # the last prompt token always runs: it gives the logits
+
+    def cached_prompt_tokens(self, request_id: int) -> int:
+        """Prompt tokens of a request that its slot's cache already held (not prefilled again)."""
+        request = self.requests.get(request_id)
+        return request.cached_prompt_tokens if request is not None else 0
 
     @torch.no_grad()
     def prefill_pending(self) -> None:
@@ -154,7 +191,8 @@ class BatchGenerator:
         if not pending:
             return
         try:
-            logits = self._prefill_many([r.prompt for r in pending], [r.slot for r in pending])
+            logits = self._prefill_many([r.prompt[r.prefilled :] for r in pending], [r.slot for r in pending],
+                                        [r.prefilled for r in pending])
         except BaseException:
             for r in pending:
                 self.cancel(r.id)
@@ -168,6 +206,10 @@ class BatchGenerator:
         request = self.requests.pop(request_id, None)
         self._seen.pop(request_id, None)
         if request is not None:
+            # the positions its passes completed (a finished request's last token was never run)
+            cached = request.position if request.prefilled == len(request.prompt) else request.prefilled
+            self._slot_tokens[request.slot] = (request.prompt + request.generated)[:cached]
+            self._released[request.slot] = next(self._clock)
             self._free.append(request.slot)
             self._unprefilled = [r for r in self._unprefilled if r is not request]
 

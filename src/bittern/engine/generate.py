@@ -394,6 +394,7 @@ class EngineBatchGenerator(BatchGenerator):
         self.engine = engine
         super().__init__(engine.model, max_batch, max_len)
         self.prefill_chunk = prefill_chunk if engine.model.use_fast_path else None
+        self.reuse_prefix = engine.model.use_fast_path  # there a cached key is the same bits whichever pass made it
 
     def _new_cache(self) -> Any:
         return self.model.new_cache(self.max_batch, self.max_len, self.engine.kv_dtype)
@@ -401,8 +402,8 @@ class EngineBatchGenerator(BatchGenerator):
     def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
         return self.model.prefill(prompt, self.cache, slot, 0)
 
-    def _prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        return self.model.prefill_batch(prompts, self.cache, slots)
+    def _prefill_many(self, prompts: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
+        return self.model.prefill_batch(prompts, self.cache, slots, starts)
 
     def _forward_rows(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
         return self.model.run_rows(tokens, self.cache, slots, positions, logit_rows)

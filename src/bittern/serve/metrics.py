@@ -19,6 +19,7 @@ class Metrics:
         self.window_s = window_s
         self.requests: dict[tuple[str, int], int] = {}
         self.prompt_tokens = 0
+        self.prompt_tokens_cached = 0
         self.generated_tokens = 0
         self.cancelled = 0
         self.timed_out = 0
@@ -73,7 +74,10 @@ class Metrics:
 
             metric("requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
                    [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())] or [("", 0)])
-            metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+            metric("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", [("", self.prompt_tokens)])
+            metric("prompt_tokens_cached_total", "counter",
+                   "Prompt tokens found in a KV-cache slot (left there by an earlier request), not prefilled again.",
+                   [("", self.prompt_tokens_cached)])
             metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
             metric("decode_steps_total", "counter", "Batched decode steps run.", [("", self.steps)])
             metric("requests_cancelled_total", "counter", "Generations stopped because the client went away.", [("", self.cancelled)])

@@ -43,7 +43,8 @@ class Engine(Protocol):
     """A continuous-batching generator: requests join with :meth:`add`, advance together in :meth:`step`.
 
     An engine may also have ``prefill_pending()`` (prefill every request added since its last call, in
-    one pass); the worker calls it after admitting jobs, so a failure there reaches only those jobs.
+    one pass); the worker calls it after admitting jobs, so a failure there reaches only those jobs. And
+    ``cached_prompt_tokens(id)``: prompt tokens of a request found in the KV cache (reported in usage).
     """
 
     max_len: int
@@ -95,6 +96,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     engine_id: int | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine found in its KV cache
     closed: bool = False
     decoder: IncrementalDecoder | None = None
 
@@ -257,7 +259,9 @@ class GenerationWorker:
             return
         job.decoder = IncrementalDecoder(self.tokenizer, job.stop)
         self._running[job.engine_id] = job
-        self.metrics.add(prompt_tokens=len(job.prompt))
+        cached = getattr(self.engine, "cached_prompt_tokens", None)
+        job.cached_tokens = cached(job.engine_id) if cached is not None else 0
+        self.metrics.add(prompt_tokens=len(job.prompt), prompt_tokens_cached=job.cached_tokens)
 
     def _prefill(self, jobs: list[Job]) -> None:
         """Prefill the jobs just admitted, together (engines without ``prefill_pending`` prefill in ``add``)."""
