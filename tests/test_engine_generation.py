@@ -172,6 +172,23 @@ def test_new_request_reuses_the_cached_prefix_of_a_finished_one(engine, prefill_
     assert run(again) == said
 
 
+def test_request_cancelled_mid_prompt_leaves_a_usable_prefix(engine) -> None:
+    """A request cancelled while its prompt is being carried in (3 tokens a step) leaves the prefilled
+    part in its slot; the same prompt sent again continues from there and gets a fresh run's tokens."""
+    gen = engine.batch_generator(max_batch=1, max_len=96, prefill_chunk=3)
+    prompt = engine.encode("What say you, my lord? I pray you, speak")
+    params = SamplingParams(temperature=0.9, seed=11, max_tokens=5)
+    first = gen.add(prompt, params)
+    assert gen.step() == [] and gen.step() == []  # 6 prompt tokens in, no token yet
+    gen.cancel(first)
+    again = gen.add(prompt, params)
+    assert gen.cached_prompt_tokens(again) == 6
+    tokens = []
+    while gen.active:
+        tokens += [o.token for o in gen.step()]
+    assert tokens == list(engine.generate_ids(prompt, params, eos_ids=set()))
+
+
 def test_failed_batch_step_releases_its_requests(engine, monkeypatch) -> None:
     gen = engine.batch_generator(max_batch=2, max_len=64)
     ids = engine.encode("ROMEO:")
