@@ -7,8 +7,10 @@ one token with a single forward pass (one matrix product per layer for the whole
 :meth:`~BatchGenerator.cancel` frees a slot at once. A generator whose model can run rows of any slots
 in one pass (the engine's) sets ``prefill_chunk``: each step then carries up to that many prompt tokens
 of new requests in the same pass as the running requests' next tokens, so a long prompt neither stalls
-the running streams for its whole prefill nor costs a pass of its own. Each request samples with its own parameters and
-seeded generator, so its tokens do not depend on what else shares the batch.
+the running streams for its whole prefill nor costs a pass of its own; with ``reuse_prefix`` a new
+request takes the free slot whose cache holds the longest prefix of its prompt and prefills the rest.
+Each request samples with its own parameters and seeded generator, so its tokens do not depend on what
+else shares the batch.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class BatchGenerator:
         self._released = [0] * max_batch
         self._clock = itertools.count(1)
 
-    # -- the three model-specific hooks (a faster engine overrides these) --------------------------
+    # -- the model-specific hooks (a faster engine overrides these) --------------------------------
 
     def _new_cache(self) -> Any:
         return KVCache(self.model.config, self.max_batch, self.max_len, device=self.model.embed_tokens.weight.device)

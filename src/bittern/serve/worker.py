@@ -3,9 +3,9 @@
 Requests become :class:`Job` objects (one per returned choice). :meth:`GenerationWorker.submit` puts
 them in a bounded waiting queue (:class:`QueueFull` when it is full); between decode steps the worker
 thread cancels jobs whose clients went away or whose time ran out, admits waiting jobs into free KV
-cache slots and prefills their prompts together (one pass for all of them where the engine has
-``prefill_pending``), then runs one :meth:`Engine.step` that advances every active job by one token
-in a single batched forward pass. Text deltas and the final result go back to the asyncio side
+cache slots and prefills their prompts together where the engine prefills whole prompts
+(``prefill_pending``; the fast engine instead carries them in its steps' passes), then runs one
+:meth:`Engine.step` that advances every active job by one token in a single batched forward pass. Text deltas and the final result go back to the asyncio side
 through each job's :class:`asyncio.Queue` (``loop.call_soon_threadsafe``); the jobs of one request
 may share a queue, their events tagged with the job's ``index``.
 
