@@ -16,6 +16,7 @@ else shares the batch.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +124,7 @@ class BatchGenerator:
 
     def _forward_rows(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
         """Rows of any slots in one pass (rising positions within a slot); logits of ``logit_rows``."""
-        raise NotImplementedError
+        raise NotImplementedError("this generator's model runs whole prompts only: leave prefill_chunk as None")
 
     def _decode(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         logits = self.model(torch.tensor(tokens, dtype=torch.long).view(-1, 1), self.cache,
@@ -192,16 +193,21 @@ class BatchGenerator:
         pending, self._unprefilled = self._unprefilled, []
         if not pending:
             return
-        try:
-            logits = self._prefill_many([r.prompt[r.prefilled :] for r in pending], [r.slot for r in pending],
-                                        [r.prefilled for r in pending])
-        except BaseException:
-            for r in pending:
-                self.cancel(r.id)
-            raise
+        logits = self._run_pass(pending, self._prefill_many, [r.prompt[r.prefilled :] for r in pending],
+                                [r.slot for r in pending], [r.prefilled for r in pending])
         for i, r in enumerate(pending):
             r.next_logits = logits[i : i + 1].clone()
             r.position = r.prefilled = len(r.prompt)
+
+    def _run_pass(self, requests: list[Request], run: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """``run(*args)``, a forward pass for ``requests``; if it fails they are cancelled and the error raised
+        (their caches end where their last completed pass left them)."""
+        try:
+            return run(*args)
+        except BaseException:
+            for r in requests:
+                self.cancel(r.id)
+            raise
 
     def cancel(self, request_id: int) -> None:
         """Stop a request now and free its slot (unknown ids are ignored)."""
@@ -233,13 +239,8 @@ class BatchGenerator:
         for request in list(self.requests.values()):
             self._sample(request, outputs, continuing)
         if continuing:
-            try:
-                logits = self._decode([r.generated[-1] for r in continuing], [r.slot for r in continuing],
-                                      [r.position for r in continuing])
-            except BaseException:
-                for r in continuing:
-                    self.cancel(r.id)
-                raise
+            logits = self._run_pass(continuing, self._decode, [r.generated[-1] for r in continuing],
+                                    [r.slot for r in continuing], [r.position for r in continuing])
             for i, r in enumerate(continuing):
                 r.next_logits = logits[i : i + 1].clone()
                 r.position += 1
@@ -268,15 +269,11 @@ class BatchGenerator:
                 completed.append(r)
         if not tokens:
             return []
-        try:
-            if carried:
-                logits = self._forward_rows(tokens, slots, positions, wanted)
-            else:
-                logits = self._decode(tokens, slots, positions)
-        except BaseException:
-            for r in running + [r for r, _ in carried]:
-                self.cancel(r.id)
-            raise
+        involved = running + [r for r, _ in carried]
+        if carried:
+            logits = self._run_pass(involved, self._forward_rows, tokens, slots, positions, wanted)
+        else:
+            logits = self._run_pass(involved, self._decode, tokens, slots, positions)
         for r, n in carried:
             r.prefilled += n
         if completed:
