@@ -453,6 +453,11 @@ def test_fast_engine_server_carries_prompts_in_steps(model_dir) -> None:
         text = httpx.get(srv.url + "/metrics", timeout=10).text
         total = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("bittern_prompt_tokens_cached_total")]
         assert len(total) == 1 and total[0] >= cached
+        # two choices of a prompt sent twice: both find it cached, usage counts it once
+        for _ in range(2):
+            r = c.completions.create(model=MODEL, prompt="what light through yonder window breaks", n=2,
+                                     max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
 
 
 # ---------------------------------------------------------------------------------------- the chat page

@@ -59,11 +59,15 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, jobs: list[Job]) -> dict[str, Any]:
-    """OpenAI usage; ``prompt_tokens_details.cached_tokens``: prompt tokens found in the KV cache."""
+def _usage(prompt_tokens: int, completion_tokens: int, jobs: list[Job], per_prompt: int) -> dict[str, Any]:
+    """OpenAI usage; ``prompt_tokens_details.cached_tokens``: prompt tokens found in the KV cache, counted
+    once per prompt like ``prompt_tokens`` (the most any of its ``per_prompt`` choices found)."""
+    cached: dict[int, int] = {}
+    for j in jobs:
+        cached[j.index // per_prompt] = max(cached.get(j.index // per_prompt, 0), j.cached_tokens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": sum(j.cached_tokens for j in jobs)}}
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
 def _coalesce(events: list[Event]) -> list[Event]:
@@ -344,7 +348,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
 
             def usage(completion: int) -> dict[str, Any]:
                 return {"id": rid, "object": "text_completion", "created": now, "model": config.model_name,
-                        "choices": [], "usage": _usage(prompt_tokens, completion, jobs)}
+                        "choices": [], "usage": _usage(prompt_tokens, completion, jobs, n)}
 
             return streaming(jobs, queue, chunk, first if body.echo else None, usage if include_usage else None)
         result = await collect(request, jobs, queue)
@@ -353,7 +357,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         outs, reasons, completion = result
         return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": config.model_name,
                              "choices": [choice(i, prefix[i] + outs[i], reasons[i]) for i in range(len(jobs))],
-                             "usage": _usage(prompt_tokens, completion, jobs)})
+                             "usage": _usage(prompt_tokens, completion, jobs, n)})
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -405,7 +409,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
 
             def usage(completion: int) -> dict[str, Any]:
                 return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": config.model_name,
-                        "system_fingerprint": None, "choices": [], "usage": _usage(len(prompt), completion, jobs)}
+                        "system_fingerprint": None, "choices": [], "usage": _usage(len(prompt), completion, jobs, len(jobs))}
 
             return streaming(jobs, queue, chunk, first, usage if include_usage else None)
         result = await collect(request, jobs, queue)
@@ -416,7 +420,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
                              "system_fingerprint": None,
                              "choices": [{"index": i, "message": {"role": "assistant", "content": outs[i]},
                                           "logprobs": None, "finish_reason": reasons[i]} for i in range(len(jobs))],
-                             "usage": _usage(len(prompt), completion, jobs)})
+                             "usage": _usage(len(prompt), completion, jobs, len(jobs))})
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes, metrics=worker.metrics)
     return app
