@@ -28,3 +28,24 @@ def reference_kernels():
     kernels.set_backend("reference")
     yield
     kernels._active = previous
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_state_is_restored(request):
+    """Every test module leaves the kernel backend, ISA and thread count as it found them (a module that
+    pinned the reference backend once made every later engine test run the torch fallback)."""
+    from bittern import kernels
+    from bittern.kernels import native
+
+    def state() -> tuple:
+        return (kernels._active,) + ((native.isa(), native.get_threads()) if native.available() else ())
+
+    before = state()
+    yield
+    after = state()
+    if after != before:
+        kernels._active = before[0]
+        if native.available():
+            native.set_isa(before[1])
+            native.set_threads(before[2])
+        pytest.fail(f"{request.module.__name__} changed the kernel state {before} -> {after} and did not restore it")

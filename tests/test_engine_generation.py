@@ -233,6 +233,17 @@ def test_perplexity_is_finite_and_consistent(engine) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """The CLI sets the process's kernel threads (``--threads``); put them back after each test."""
+    from bittern.kernels import native
+
+    before = native.get_threads() if native.available() else None
+    yield
+    if before is not None:
+        native.set_threads(before)
+
+
 def test_cli_generate_streams_and_reports(model_dir, capsys) -> None:
     rc = main(["generate", "--model", str(model_dir), "ROMEO:", "--max-tokens", "8", "--threads", "1", "--seed", "1",
                "--temperature", "0.7", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.05", "--repeat-penalty", "1.1",
