@@ -149,6 +149,21 @@ def test_prefill_batch_equals_one_prefill_per_sequence(native_loop: bool, kv: st
         em.prefill_batch([[1], []], cache, [0, 1])
 
 
+def test_prefill_in_passes_equals_one_pass() -> None:
+    """A prompt longer than ``pass_rows`` runs in several passes (bounded activation memory): the same
+    logits for every position and the same cache as in one pass."""
+    model = _frozen("tiny-2b4t", seed=12)
+    ids = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(13)).tolist()
+    outs = []
+    for rows in (1000, 8):
+        em = _fast_model(model, True)
+        em.pass_rows = rows
+        cache = em.new_cache(1, 40, "f16")
+        outs.append((em.prefill(ids, cache, all_logits=True).clone(), em.prefill(ids[:3], cache, 0, 0).clone(),
+                     cache.k[:, 0, :, :37].clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*outs)) and outs[0][0].shape == (37, model.config.vocab_size)
+
+
 @pytest.mark.parametrize("act", [0, 1])  # SwiGLU, ReLU^2
 def test_many_row_activation_quantisation_same_on_any_threads(act: int) -> None:
     """A prefill's activation + sub-norm + int8 quantisation runs its rows on the pool: the same bits
