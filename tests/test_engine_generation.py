@@ -172,6 +172,31 @@ def test_new_request_reuses_the_cached_prefix_of_a_finished_one(engine, prefill_
     assert run(again) == said
 
 
+@pytest.mark.parametrize("kv", ["f16", "int8"])
+@pytest.mark.parametrize("prefill_chunk", [256, None])
+def test_new_request_copies_the_prefix_a_running_request_holds(engine, kv, prefill_chunk) -> None:
+    """A prompt that starts with what a running request's slot holds gets those rows copied into its own
+    slot (keys, values and int8 scales): only the rest is prefilled, and both requests give the tokens
+    they give alone."""
+    eng = Engine(engine.model, engine.tokenizer, kv_dtype=kv)
+    gen = eng.batch_generator(max_batch=2, max_len=96, prefill_chunk=prefill_chunk)
+    shared = eng.encode("ROMEO: What say you, my lord? I pray you")
+    pa, pb = SamplingParams(max_tokens=12), SamplingParams(temperature=0.8, seed=5, max_tokens=6)
+    a = gen.add(shared, pa)
+    out = {a: []}
+    for _ in range(3):
+        out[a] += [o.token for o in gen.step()]
+    longer = shared + eng.encode(" and tell me")
+    b = gen.add(longer, pb)
+    assert gen.cached_prompt_tokens(b) == len(shared) and gen.requests[b].slot != gen.requests[a].slot
+    out[b] = []
+    while gen.active:
+        for o in gen.step():
+            out[o.request_id].append(o.token)
+    assert out[a] == list(eng.generate_ids(shared, pa, eos_ids=set()))
+    assert out[b] == list(eng.generate_ids(longer, pb, eos_ids=set()))
+
+
 def test_request_cancelled_mid_prompt_leaves_a_usable_prefix(engine) -> None:
     """A request cancelled while its prompt is being carried in (3 tokens a step) leaves the prefilled
     part in its slot; the same prompt sent again continues from there and gets a fresh run's tokens."""

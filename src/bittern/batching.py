@@ -122,6 +122,10 @@ class BatchGenerator:
         from position ``starts[i]``."""
         return torch.cat([self._prefill(p, s, st).clone() for p, s, st in zip(prompts, slots, starts)])
 
+    def _copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the cached keys and values of positions ``0..n`` from slot ``src`` to slot ``dst``."""
+        raise NotImplementedError("this generator does not share cached prefixes between slots")
+
     def _forward_rows(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
         """Rows of any slots in one pass (rising positions within a slot); logits of ``logit_rows``."""
         raise NotImplementedError("this generator's model runs whole prompts only: leave prefill_chunk as None")
@@ -163,8 +167,9 @@ class BatchGenerator:
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
         """A free slot for ``prompt`` (taken from the free list) and how many of its first tokens that
-        slot's cache already holds: the longest cached prefix with ``reuse_prefix``, else none; among
-        equals, the slot released longest ago (its cache is the least likely to be wanted again)."""
+        slot's cache holds: with ``reuse_prefix``, the free slot with the longest cached prefix (among
+        equals, the one released longest ago: its cache is the least likely to be wanted again), and if
+        a running request's slot holds a longer one, those rows are copied over; else none."""
         best, best_key, best_len = self._free[0], None, 0
         for slot in self._free:
             n = _common_prefix(self._slot_tokens[slot], prompt) if self.reuse_prefix else 0
@@ -173,7 +178,24 @@ class BatchGenerator:
                 best, best_key, best_len = slot, key, n
         self._free.remove(best)
         self._slot_tokens[best] = []
-        return best, min(best_len, len(prompt) - 1)  # the last prompt token always runs: it gives the logits
+        limit = len(prompt) - 1  # the last prompt token always runs: it gives the logits
+        if self.reuse_prefix and best_len < limit:
+            source, longest = None, best_len
+            for r in self.requests.values():
+                n = _common_prefix(self._cached_tokens(r), prompt)
+                if n > longest:
+                    source, longest = r.slot, n
+            if source is not None:
+                self._copy_prefix(source, best, min(longest, limit))
+                best_len = longest
+        return best, min(best_len, limit)
+
+    @staticmethod
+    def _cached_tokens(request: Request) -> list[int]:
+        """The tokens whose keys and values ``request``'s passes have put in its slot (a sampled token
+        runs in the next pass)."""
+        n = request.position if request.prefilled == len(request.prompt) else request.prefilled
+        return (request.prompt + request.generated)[:n]
 
     def cached_prompt_tokens(self, request_id: int) -> int:
         """Prompt tokens of a request that its slot's cache already held (not prefilled again)."""
@@ -214,9 +236,7 @@ class BatchGenerator:
         request = self.requests.pop(request_id, None)
         self._seen.pop(request_id, None)
         if request is not None:
-            # the positions its passes completed (a finished request's last token was never run)
-            cached = request.position if request.prefilled == len(request.prompt) else request.prefilled
-            self._slot_tokens[request.slot] = (request.prompt + request.generated)[:cached]
+            self._slot_tokens[request.slot] = self._cached_tokens(request)
             self._released[request.slot] = next(self._clock)
             self._free.append(request.slot)
             self._unprefilled = [r for r in self._unprefilled if r is not request]

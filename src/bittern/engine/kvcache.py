@@ -69,6 +69,15 @@ class EngineKVCache:
             self.k[layer, slot, :, pos:end] = k
             self.v[layer, slot, :, pos:end] = v
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy positions ``0..n`` of every layer from slot ``src`` to slot ``dst`` (codes and scales)."""
+        if not (0 <= src < self.slots and 0 <= dst < self.slots and 0 <= n <= self.max_len):
+            raise ValueError(f"cannot copy {n} positions from slot {src} to slot {dst}")
+        if src == dst or n == 0:
+            return
+        for t in (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ()):
+            t[:, dst, :, :n].copy_(t[:, src, :, :n])
+
     def read(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[kv_heads, end, head_dim]`` of positions ``0..end`` in float32."""
         k = self.k[layer, slot, :, :end]
