@@ -197,6 +197,31 @@ def test_new_request_copies_the_prefix_a_running_request_holds(engine, kv, prefi
     assert out[b] == list(eng.generate_ids(longer, pb, eos_ids=set()))
 
 
+def test_requests_arriving_together_prefill_a_shared_prefix_once(engine, monkeypatch) -> None:
+    """Three new prompts with one 40-token prefix: the first prefills it, the others wait a step, copy it
+    and run only their own tokens; every request gives the tokens it gives alone, and its first output
+    says how many prompt tokens were found in the cache."""
+    gen = engine.batch_generator(max_batch=3, max_len=96)
+    rows = []
+    real = gen.model.run_rows
+    monkeypatch.setattr(gen.model, "run_rows", lambda tokens, *a, **k: rows.append(len(tokens)) or real(tokens, *a, **k))
+    shared = torch.randint(1, engine.model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts = [shared + [7], shared + [8, 9], shared + [10, 11, 12]]
+    params = [SamplingParams(max_tokens=5), SamplingParams(temperature=0.9, seed=1, max_tokens=4), SamplingParams(max_tokens=3)]
+    ids = [gen.add(p, q) for p, q in zip(prompts, params)]
+    out = {i: [] for i in ids}
+    cached = {}
+    while gen.active:
+        for o in gen.step():
+            out[o.request_id].append(o.token)
+            if o.cached_prompt_tokens is not None:
+                cached[o.request_id] = o.cached_prompt_tokens
+    assert rows[:2] == [41, 1 + 2 + 3]  # step 2: the first request's next token and the others' own tokens
+    assert cached == {ids[0]: 0, ids[1]: 40, ids[2]: 40}
+    for i, p, q in zip(ids, prompts, params):
+        assert out[i] == list(engine.generate_ids(p, q, eos_ids=set()))
+
+
 def test_request_cancelled_mid_prompt_leaves_a_usable_prefix(engine) -> None:
     """A request cancelled while its prompt is being carried in (3 tokens a step) leaves the prefilled
     part in its slot; the same prompt sent again continues from there and gets a fresh run's tokens."""

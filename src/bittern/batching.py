@@ -72,6 +72,12 @@ class StepOutput:
     token: int
     finished: bool
     finish_reason: str | None
+    #: with a request's first token: how many of its prompt tokens were found in the KV cache
+    cached_prompt_tokens: int | None = None
+
+
+#: a new request waits for an earlier one that will compute at least this many more of its prompt
+SHARE_MIN = 32
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -266,7 +272,32 @@ class BatchGenerator:
                 r.position += 1
         return outputs
 
+    def _share_prefixes(self) -> set[int]:
+        """Before a step carries prompts: copy into each new request's slot what another slot already holds
+        of its prompt, and return the ids of the new requests that should wait because an earlier one will
+        compute at least ``SHARE_MIN`` more of their prompt (a burst of requests with one system prompt,
+        or n choices of one prompt, prefill it once)."""
+        waiting: set[int] = set()
+        ahead: list[Request] = []
+        for r in self._unprefilled:
+            limit = len(r.prompt) - 1
+            source, n = None, r.prefilled
+            for other in self.requests.values():
+                if other is not r:
+                    m = min(_common_prefix(self._cached_tokens(other), r.prompt), limit)
+                    if m > n:
+                        source, n = other, m
+            if source is not None:
+                self._copy_prefix(source.slot, r.slot, n)
+                r.cached_prompt_tokens += n - r.prefilled
+                r.prefilled = n
+            if any(min(_common_prefix(o.prompt, r.prompt), limit) - r.prefilled >= SHARE_MIN for o in ahead):
+                waiting.add(r.id)
+            ahead.append(r)
+        return waiting
+
     def _step_carrying_prompts(self) -> list[StepOutput]:
+        waiting = self._share_prefixes() if self.reuse_prefix and self._unprefilled else set()
         running = [r for r in self.requests.values() if r.prefilled == len(r.prompt)]
         tokens = [r.generated[-1] for r in running]
         slots = [r.slot for r in running]
@@ -278,6 +309,8 @@ class BatchGenerator:
         for r in self._unprefilled:
             if budget <= 0:
                 break
+            if r.id in waiting:
+                continue
             n = min(budget, len(r.prompt) - r.prefilled)
             tokens += r.prompt[r.prefilled : r.prefilled + n]
             slots += [r.slot] * n
@@ -325,4 +358,5 @@ class BatchGenerator:
             self.cancel(request.id)
         else:
             continuing.append(request)
-        outputs.append(StepOutput(request.id, token, reason is not None, reason))
+        first = request.cached_prompt_tokens if len(request.generated) == 1 else None
+        outputs.append(StepOutput(request.id, token, reason is not None, reason, first))

@@ -43,8 +43,8 @@ class Engine(Protocol):
     """A continuous-batching generator: requests join with :meth:`add`, advance together in :meth:`step`.
 
     An engine may also have ``prefill_pending()`` (prefill every request added since its last call, in
-    one pass); the worker calls it after admitting jobs, so a failure there reaches only those jobs. And
-    ``cached_prompt_tokens(id)``: prompt tokens of a request found in the KV cache (reported in usage).
+    one pass); the worker calls it after admitting jobs, so a failure there reaches only those jobs. A
+    step result may carry ``cached_prompt_tokens`` with a request's first token (reported in usage).
     """
 
     max_len: int
@@ -259,9 +259,7 @@ class GenerationWorker:
             return
         job.decoder = IncrementalDecoder(self.tokenizer, job.stop)
         self._running[job.engine_id] = job
-        cached = getattr(self.engine, "cached_prompt_tokens", None)
-        job.cached_tokens = cached(job.engine_id) if cached is not None else 0
-        self.metrics.add(prompt_tokens=len(job.prompt), prompt_tokens_cached=job.cached_tokens)
+        self.metrics.add(prompt_tokens=len(job.prompt))
 
     def _prefill(self, jobs: list[Job]) -> None:
         """Prefill the jobs just admitted, together (engines without ``prefill_pending`` prefill in ``add``)."""
@@ -311,6 +309,10 @@ class GenerationWorker:
             if job is None or job.closed:
                 continue
             job.completion_tokens += 1
+            cached = getattr(out, "cached_prompt_tokens", None)
+            if cached:  # with the first token: the prompt tokens the engine found in its cache
+                job.cached_tokens = cached
+                self.metrics.add(prompt_tokens_cached=cached)
             text = job.decoder.push(out.token)
             reason = None
             if job.decoder.stopped:
