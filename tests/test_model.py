@@ -105,6 +105,21 @@ def test_kv_cache_incremental_equals_full_forward(name):
     torch.testing.assert_close(full, torch.cat(parts, dim=1), rtol=1e-4, atol=1e-5)
 
 
+def test_kv_cache_copied_prefix_continues_like_the_original():
+    torch.manual_seed(2)
+    model = Transformer(get_config("tiny")).freeze()
+    tokens = torch.randint(0, model.config.vocab_size, (1, 12))
+    cache = KVCache(model.config, 3, 32)
+    with torch.no_grad():
+        model(tokens[:, :9], cache, 0, torch.tensor([0]))
+        cache.copy_prefix(0, 2, 9)
+        a = model(tokens[:, 9:], cache, 9, torch.tensor([0]))
+        b = model(tokens[:, 9:], cache, 9, torch.tensor([2]))
+    assert torch.equal(a, b) and not torch.equal(cache.k[:, 1, :, :9], cache.k[:, 0, :, :9])
+    with pytest.raises(ValueError, match="cannot copy"):
+        cache.copy_prefix(0, 3, 4)
+
+
 def test_context_overflow_is_a_clear_error():
     model = Transformer(get_config("tiny"))
     with pytest.raises(ValueError, match="context length"):

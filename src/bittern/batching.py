@@ -130,7 +130,7 @@ class BatchGenerator:
 
     def _copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the cached keys and values of positions ``0..n`` from slot ``src`` to slot ``dst``."""
-        raise NotImplementedError("this generator does not share cached prefixes between slots")
+        self.cache.copy_prefix(src, dst, n)
 
     def _forward_rows(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
         """Rows of any slots in one pass (rising positions within a slot); logits of ``logit_rows``."""

@@ -32,6 +32,13 @@ class KVCache:
         """Forget everything cached (the memory stays allocated)."""
         self.length = 0
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy positions ``0..n`` of every layer from cache row ``src`` to row ``dst``."""
+        if not (0 <= src < self.k.shape[1] and 0 <= dst < self.k.shape[1] and 0 <= n <= self.max_len):
+            raise ValueError(f"cannot copy {n} positions from row {src} to row {dst}")
+        for t in (self.k, self.v):
+            t[:, dst, :, :n].copy_(t[:, src, :, :n])
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v`` ``[B, kvh, T, hd]`` and return all keys/values of those rows so far.

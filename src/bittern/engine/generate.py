@@ -408,8 +408,5 @@ class EngineBatchGenerator(BatchGenerator):
     def _forward_rows(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int]) -> torch.Tensor:
         return self.model.run_rows(tokens, self.cache, slots, positions, logit_rows)
 
-    def _copy_prefix(self, src: int, dst: int, n: int) -> None:
-        self.cache.copy_prefix(src, dst, n)
-
     def _decode(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         return self.model.decode(tokens, self.cache, slots, positions)
