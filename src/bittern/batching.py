@@ -119,14 +119,13 @@ class BatchGenerator:
     def _new_cache(self) -> Any:
         return KVCache(self.model.config, self.max_batch, self.max_len, device=self.model.embed_tokens.weight.device)
 
-    def _prefill(self, prompt: list[int], slot: int, start: int = 0) -> torch.Tensor:
-        tokens = torch.tensor([prompt], dtype=torch.long, device=self.cache.k.device)
-        return self.model(tokens, self.cache, start, torch.tensor([slot]))[:, -1]
-
     def _prefill_many(self, prompts: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
         """Logits ``[len(prompts), vocab]`` of each prompt's last token, prompt ``i`` prefilled into ``slots[i]``
         from position ``starts[i]``."""
-        return torch.cat([self._prefill(p, s, st).clone() for p, s, st in zip(prompts, slots, starts)])
+        device = self.cache.k.device
+        return torch.cat([self.model(torch.tensor([p], dtype=torch.long, device=device), self.cache, st,
+                                     torch.tensor([s]))[:, -1]
+                          for p, s, st in zip(prompts, slots, starts)])
 
     def _copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the cached keys and values of positions ``0..n`` from slot ``src`` to slot ``dst``."""
@@ -169,13 +168,15 @@ class BatchGenerator:
             self._seen[request.id] = SeenTokens(request.prompt, params.max_tokens)
         self.requests[request.id] = request
         self._unprefilled.append(request)
+        if self.reuse_prefix:
+            self._catch_up(request)
         return request.id
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
         """A free slot for ``prompt`` (taken from the free list) and how many of its first tokens that
         slot's cache holds: with ``reuse_prefix``, the free slot with the longest cached prefix (among
-        equals, the one released longest ago: its cache is the least likely to be wanted again), and if
-        a running request's slot holds a longer one, those rows are copied over; else none."""
+        equals, the one released longest ago: its cache is the least likely to be wanted again); else
+        none. At most all but the last prompt token, which always runs: it gives the logits."""
         best, best_key, best_len = self._free[0], None, 0
         for slot in self._free:
             n = _common_prefix(self._slot_tokens[slot], prompt) if self.reuse_prefix else 0
@@ -184,17 +185,22 @@ class BatchGenerator:
                 best, best_key, best_len = slot, key, n
         self._free.remove(best)
         self._slot_tokens[best] = []
-        limit = len(prompt) - 1  # the last prompt token always runs: it gives the logits
-        if self.reuse_prefix and best_len < limit:
-            source, longest = None, best_len
-            for r in self.requests.values():
-                n = _common_prefix(self._cached_tokens(r), prompt)
-                if n > longest:
-                    source, longest = r.slot, n
-            if source is not None:
-                self._copy_prefix(source, best, min(longest, limit))
-                best_len = longest
-        return best, min(best_len, limit)
+        return best, min(best_len, len(prompt) - 1)
+
+    def _catch_up(self, request: Request) -> None:
+        """Copy into ``request``'s slot what another request's slot holds beyond it of its prompt (the
+        longest such prefix; up to all but the last prompt token)."""
+        limit = len(request.prompt) - 1
+        source, n = None, request.prefilled
+        for other in self.requests.values():
+            if other is not request:
+                m = min(_common_prefix(self._cached_tokens(other), request.prompt), limit)
+                if m > n:
+                    source, n = other, m
+        if source is not None:
+            self._copy_prefix(source.slot, request.slot, n)
+            request.cached_prompt_tokens += n - request.prefilled
+            request.prefilled = n
 
     @staticmethod
     def _cached_tokens(request: Request) -> list[int]:
@@ -280,17 +286,8 @@ class BatchGenerator:
         waiting: set[int] = set()
         ahead: list[Request] = []
         for r in self._unprefilled:
+            self._catch_up(r)
             limit = len(r.prompt) - 1
-            source, n = None, r.prefilled
-            for other in self.requests.values():
-                if other is not r:
-                    m = min(_common_prefix(self._cached_tokens(other), r.prompt), limit)
-                    if m > n:
-                        source, n = other, m
-            if source is not None:
-                self._copy_prefix(source.slot, r.slot, n)
-                r.cached_prompt_tokens += n - r.prefilled
-                r.prefilled = n
             if any(min(_common_prefix(o.prompt, r.prompt), limit) - r.prefilled >= SHARE_MIN for o in ahead):
                 waiting.add(r.id)
             ahead.append(r)

@@ -399,9 +399,6 @@ class EngineBatchGenerator(BatchGenerator):
     def _new_cache(self) -> Any:
         return self.model.new_cache(self.max_batch, self.max_len, self.engine.kv_dtype)
 
-    def _prefill(self, prompt: list[int], slot: int, start: int = 0) -> torch.Tensor:
-        return self.model.prefill(prompt, self.cache, slot, start)
-
     def _prefill_many(self, prompts: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
         return self.model.prefill_batch(prompts, self.cache, slots, starts)
 

@@ -448,10 +448,10 @@ class EngineModel:
         return self._run_fast(fb, tokens, cache, slots, positions)
 
     def _run_fast(self, fb: "_FastBuffers", tokens: list[int], cache: EngineKVCache, slots: list[int],
-                  positions: list[int], last_only: bool = False, logit_rows: list[int] | None = None) -> torch.Tensor:
+                  positions: list[int], logit_rows: list[int] | None = None) -> torch.Tensor:
         """Rows ``tokens[b]`` at ``positions[b]`` of ``slots[b]`` on the C path, in order (so rows of one slot
-        at consecutive positions attend causally); logits of every row, of the last one, or of the rows
-        listed in ``logit_rows`` (in that order)."""
+        at consecutive positions attend causally); logits of every row, or of the rows listed in
+        ``logit_rows`` (in that order)."""
         from .headkernel import load_head_kernel
 
         C = load_head_kernel()
@@ -514,10 +514,6 @@ class EngineModel:
             norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
             picked = fb.xn.index_select(0, torch.tensor(logit_rows, dtype=torch.long))
             return self.head.logits(picked, fb.logits[: len(logit_rows)])
-        if last_only:
-            last = (B - 1) * h * 4
-            norm_quant(xp + last, downp + last, self.final_norm.data_ptr(), eps, 1, h, xnp + last, None, 0, None, None)
-            return self.head.logits(fb.xn[B - 1 :], fb.logits)
         norm_quant(xp, downp, self.final_norm.data_ptr(), eps, B, h, xnp, None, 0, None, None)
         return self.head.logits(fb.xn, fb.logits)
 
