@@ -166,6 +166,15 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server did not become healthy within {timeout:g} s")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server subprocess (terminate; kill after 30 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="packed model directory (default: the trained default model, else a random 'demo' model)")
@@ -225,11 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 for e in row["error_samples"]:
                     print(f"    error: {e}")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     base = rows[0]["tok_per_s"]
     for row in rows:
         row["speedup_vs_first"] = row["tok_per_s"] / base if base else float("nan")

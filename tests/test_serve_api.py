@@ -421,6 +421,8 @@ def test_cli_errors_are_one_line(capsys, tmp_path) -> None:
     assert "--port" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--prefill-chunk", "0"]) == 2
     assert "--prefill-chunk" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--prompt-cache-mb", "-1"]) == 2
+    assert "--prompt-cache-mb" in capsys.readouterr().err
 
 
 def test_fast_engine_server_carries_prompts_in_steps(model_dir) -> None:
@@ -458,6 +460,38 @@ def test_fast_engine_server_carries_prompts_in_steps(model_dir) -> None:
             r = c.completions.create(model=MODEL, prompt="what light through yonder window breaks", n=2,
                                      max_tokens=4, temperature=0)
         assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+
+
+
+def test_fast_engine_server_keeps_reused_slots_prompts_in_host_memory(model_dir) -> None:
+    """One slot and a prompt cache: a conversation whose slot another request took still finds its
+    earlier turn (whole 32-token blocks) in host memory; usage and /metrics report it, and the reply
+    equals a server's without the cache."""
+    words = " ".join(demo_text()[1000:3000].split()[:40])
+    msgs = [{"role": "user", "content": words}]
+
+    def conversation(cache_bytes: int) -> tuple[list[str], int, str]:
+        app = build_app(model_dir, ServeConfig(model_name=MODEL), max_batch=1, engine="fast",
+                        prompt_cache_bytes=cache_bytes)
+        with ServerThread(app) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            r1 = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
+            c.completions.create(model=MODEL, prompt="KING:", max_tokens=3, temperature=0)  # takes the slot
+            follow = msgs + [{"role": "assistant", "content": r1.choices[0].message.content},
+                             {"role": "user", "content": "and then?"}]
+            r2 = c.chat.completions.create(model=MODEL, messages=follow, max_tokens=6, temperature=0)
+            metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+            assert r1.usage.prompt_tokens > 64
+            return ([r1.choices[0].message.content, r2.choices[0].message.content],
+                    r2.usage.prompt_tokens_details.cached_tokens, metrics)
+
+    texts, cached, metrics = conversation(64 << 20)
+    texts_off, cached_off, metrics_off = conversation(0)
+    assert texts == texts_off
+    assert cached_off == 0 and cached >= 64 and cached % 32 == 0
+    stored = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("bittern_prompt_cache_bytes")]
+    assert len(stored) == 1 and stored[0] > 0
+    assert "bittern_prompt_cache_bytes" not in metrics_off
 
 
 # ---------------------------------------------------------------------------------------- the chat page

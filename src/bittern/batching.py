@@ -8,8 +8,8 @@ one token with a single forward pass (one matrix product per layer for the whole
 in one pass (the engine's) sets ``prefill_chunk``: each step then carries up to that many prompt tokens
 of new requests in the same pass as the running requests' next tokens, so a long prompt neither stalls
 the running streams for its whole prefill nor costs a pass of its own; with ``reuse_prefix`` a new
-request takes the free slot whose cache holds the longest prefix of its prompt and prefills the rest.
-Each request samples with its own parameters and seeded generator, so its tokens do not depend on what
+request takes the free slot whose cache holds the longest prefix of its prompt and prefills the rest,
+and a ``prefix_store`` keeps slots' prefixes in host memory after their slots are reused. Each request samples with its own parameters and seeded generator, so its tokens do not depend on what
 else shares the batch.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .model import KVCache, Transformer
+from .prefix_store import PrefixStore
 from .sampling import SamplingParams, make_generator, sample_next
 
 
@@ -99,6 +100,9 @@ class BatchGenerator:
     #: and prefill only the rest (set where a token's cached keys and values do not depend on the pass
     #: that computed them: the engine's, bit-exact kernels)
     reuse_prefix: bool = False
+    #: with ``reuse_prefix``: where a slot's cached prefix goes before another prompt overwrites it, and
+    #: where a new prompt's longest stored prefix is copied from (beyond the ``max_batch`` slots)
+    prefix_store: PrefixStore | None = None
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None) -> None:
         self.model = model
@@ -170,6 +174,7 @@ class BatchGenerator:
         self._unprefilled.append(request)
         if self.reuse_prefix:
             self._catch_up(request)
+            self._load_stored_prefix(request)
         return request.id
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
@@ -184,8 +189,21 @@ class BatchGenerator:
             if best_key is None or key > best_key:
                 best, best_key, best_len = slot, key, n
         self._free.remove(best)
+        if self.prefix_store is not None and self.reuse_prefix and self._slot_tokens[best]:
+            self.prefix_store.save(self.cache, best, self._slot_tokens[best])
         self._slot_tokens[best] = []
         return best, min(best_len, len(prompt) - 1)
+
+    def _load_stored_prefix(self, request: Request) -> None:
+        """Copy into ``request``'s slot what the prefix store holds beyond it of its prompt (up to all but
+        the last prompt token)."""
+        if self.prefix_store is None:
+            return
+        n = min(self.prefix_store.longest(request.prompt), len(request.prompt) - 1)
+        if n > request.prefilled:
+            self.prefix_store.load(self.cache, request.slot, request.prompt, request.prefilled, n)
+            request.cached_prompt_tokens += n - request.prefilled
+            request.prefilled = n
 
     def _catch_up(self, request: Request) -> None:
         """Copy into ``request``'s slot what another request's slot holds beyond it of its prompt (the

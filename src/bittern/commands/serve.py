@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together, i.e. KV-cache slots (default: 8)")
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens of new requests each decode step carries along (fast engine; default: 256)")
+    p.add_argument("--prompt-cache-mb", type=float, default=1024,
+                   help="MiB of host memory keeping the KV of prompts whose slots were reused, so a returning "
+                        "conversation skips its prefill (fast engine; 0: off; default: 1024)")
     p.add_argument("--max-len", type=int, help="KV-cache length per sequence (default: the model's context)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default: 64)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default: 4096)")
@@ -43,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, request_timeout_s=args.timeout)
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be at least 1 (got {args.prefill_chunk})")
+    if args.prompt_cache_mb < 0:
+        raise ValueError(f"--prompt-cache-mb must be >= 0 (got {args.prompt_cache_mb:g})")
     app = build_app(model, config, max_batch=args.max_batch, max_len=args.max_len, engine=args.engine,
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk, prompt_cache_bytes=int(args.prompt_cache_mb * (1 << 20)))
     print(f"bittern serve: {model} as {config.model_name!r} on http://{args.host}:{args.port} "
           f"(chat page at /, API at /v1, {args.max_batch} slots{', API key required' if api_key else ''})", flush=True)
     run_server(app, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level)

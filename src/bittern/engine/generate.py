@@ -19,6 +19,7 @@ import torch
 
 from ..batching import BatchGenerator, SeenTokens
 from ..errors import UsageError
+from ..prefix_store import PrefixStore
 from ..sampling import SamplingParams, make_generator, sample_next
 from .kvcache import EngineKVCache
 from .model import EngineModel
@@ -320,11 +321,14 @@ class Engine:
     # ------------------------------------------------------------------ many sequences
 
     def batch_generator(self, max_batch: int = 8, max_len: int | None = None,
-                        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> "EngineBatchGenerator":
+                        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                        prefix_store_bytes: int = 0) -> "EngineBatchGenerator":
         """A continuous-batching generator (``add`` / ``step`` / ``cancel``) over this engine; each step
         carries up to ``prefill_chunk`` prompt tokens of new requests with the running requests' rows
-        (None: whole prompts, in a pass before the step's)."""
-        return EngineBatchGenerator(self, max_batch, max_len, prefill_chunk)
+        (None: whole prompts, in a pass before the step's). ``prefix_store_bytes``: host memory for the
+        keys and values of prompts whose slots were reused (:class:`bittern.prefix_store.PrefixStore`;
+        0: none)."""
+        return EngineBatchGenerator(self, max_batch, max_len, prefill_chunk, prefix_store_bytes)
 
     def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                        ) -> list[GenerationResult]:
@@ -388,13 +392,17 @@ class EngineBatchGenerator(BatchGenerator):
     """Continuous batching on the engine: :class:`bittern.batching.BatchGenerator` over the engine's model."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefix_store_bytes: int = 0) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1 (or None)")
+        if prefix_store_bytes < 0:
+            raise ValueError(f"prefix_store_bytes must be >= 0 (got {prefix_store_bytes})")
         self.engine = engine
         super().__init__(engine.model, max_batch, max_len)
         self.prefill_chunk = prefill_chunk if engine.model.use_fast_path else None
         self.reuse_prefix = engine.model.use_fast_path  # there a cached key is the same bits whichever pass made it
+        if self.reuse_prefix and prefix_store_bytes > 0:
+            self.prefix_store = PrefixStore(prefix_store_bytes)
 
     def _new_cache(self) -> Any:
         return self.model.new_cache(self.max_batch, self.max_len, self.engine.kv_dtype)

@@ -279,6 +279,12 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
             "free_slots": ("Free KV-cache slots.", float(worker.free_slots)),
             "max_batch": ("KV-cache slots in all.", float(worker.capacity)),
         }
+        store = getattr(worker.engine, "prefix_store", None)
+        if store is not None:
+            gauges["prompt_cache_bytes"] = ("Host memory holding keys and values of prompts whose slots were reused.",
+                                            float(store.nbytes))
+            gauges["prompt_cache_tokens"] = ("Tokens whose keys and values that memory holds.",
+                                             float(len(store) * store.block))
         return PlainTextResponse(worker.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict[str, Any]:

@@ -32,13 +32,15 @@ def default_model_path() -> Path:
 
 
 def make_engine(model_dir: str | os.PathLike, max_batch: int = 8, max_len: int | None = None, engine: str = "auto",
-                prefill_chunk: int | None = None) -> Engine:
+                prefill_chunk: int | None = None, prompt_cache_bytes: int = 0) -> Engine:
     """The continuous-batching engine for a packed model directory.
 
     ``engine="reference"`` is :class:`bittern.batching.BatchGenerator` over :func:`~bittern.modelfile.load_packed`;
     ``"fast"`` is ``bittern.engine.Engine.load(dir).batch_generator(...)`` (same interface); ``"auto"``
     takes the fast one when it imports. ``prefill_chunk``: prompt tokens a fast-engine step carries with
-    the running requests (default: the engine's, ``bittern.engine.generate.DEFAULT_PREFILL_CHUNK``).
+    the running requests (default: the engine's, ``bittern.engine.generate.DEFAULT_PREFILL_CHUNK``);
+    ``prompt_cache_bytes``: host memory keeping the keys and values of prompts whose KV-cache slots were
+    taken by others (fast engine; :class:`bittern.prefix_store.PrefixStore`).
     """
     if engine not in ("auto", "fast", "reference"):
         raise ValueError(f"engine must be 'auto', 'fast' or 'reference', got {engine!r}")
@@ -50,9 +52,10 @@ def make_engine(model_dir: str | os.PathLike, max_batch: int = 8, max_len: int |
                 raise UsageError(f"the fast engine is not available ({e})") from None
         else:
             fast = FastEngine.load(model_dir)
-            if prefill_chunk is None:
-                return fast.batch_generator(max_batch=max_batch, max_len=max_len)
-            return fast.batch_generator(max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk)
+            options: dict[str, Any] = {"prefix_store_bytes": prompt_cache_bytes}
+            if prefill_chunk is not None:
+                options["prefill_chunk"] = prefill_chunk
+            return fast.batch_generator(max_batch=max_batch, max_len=max_len, **options)
     from ..batching import BatchGenerator
     from ..modelfile import load_packed
 
@@ -61,7 +64,7 @@ def make_engine(model_dir: str | os.PathLike, max_batch: int = 8, max_len: int |
 
 def build_app(model_dir: str | os.PathLike, config: ServeConfig | None = None, max_batch: int = 8,
               max_len: int | None = None, engine: str = "auto", engine_wrapper: Callable[[Engine], Engine] | None = None,
-              prefill_chunk: int | None = None) -> Any:
+              prefill_chunk: int | None = None, prompt_cache_bytes: int = 0) -> Any:
     """The server application for a packed model directory (its tokenizer must be inside it)."""
     from ..modelfile import read_config
     from ..tokenizer import load_tokenizer
@@ -72,11 +75,14 @@ def build_app(model_dir: str | os.PathLike, config: ServeConfig | None = None, m
         raise ValueError("max_batch must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError("prefill_chunk must be at least 1")
+    if prompt_cache_bytes < 0:
+        raise ValueError("prompt_cache_bytes must be >= 0")
     tok_name = info.get("tokenizer") or "tokenizer.json"
     if not (model_dir / tok_name).is_file():
         raise UsageError(f"{model_dir}: no tokenizer ({tok_name}) in the model directory; the server needs one")
     tokenizer = load_tokenizer(model_dir / tok_name)
-    generator = make_engine(model_dir, max_batch=max_batch, max_len=max_len, engine=engine, prefill_chunk=prefill_chunk)
+    generator = make_engine(model_dir, max_batch=max_batch, max_len=max_len, engine=engine, prefill_chunk=prefill_chunk,
+                            prompt_cache_bytes=prompt_cache_bytes)
     if engine_wrapper is not None:
         generator = engine_wrapper(generator)
     config = config or ServeConfig(model_name=model_dir.name)
