@@ -336,6 +336,68 @@ def test_client_disconnect_while_waiting_for_a_non_streaming_answer(server) -> N
     assert after["bittern_generation_tokens_total"] == before["bittern_generation_tokens_total"]
 
 
+def test_client_disconnect_while_tokens_flow_to_a_non_streaming_answer(server) -> None:
+    """A non-streaming client that goes away while its tokens are being generated is noticed too."""
+    before = wait_idle(server)
+    server.throttle.delay_s = 0.02  # 200 tokens would take ~4 s
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=httpx.Timeout(30, read=0.5),
+                       json={"model": MODEL, "prompt": "Gone", "max_tokens": 200, "ignore_eos": True})
+        after = wait_idle(server)
+    finally:
+        server.throttle.delay_s = 0.004
+    assert after["bittern_requests_cancelled_total"] == before["bittern_requests_cancelled_total"] + 1
+    assert after["bittern_generation_tokens_total"] - before["bittern_generation_tokens_total"] < 150
+    assert server.engine.free_slots == MAX_BATCH
+
+
+def test_openai_edge_cases(server, client) -> None:
+    c = "/v1/completions"
+    for stream in (False, True):  # refused before any stream starts
+        assert_openai_error(raw(server, "POST", c, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": 1 << 64,
+                                                         "stream": stream}), 400, "seed")
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2, seed=(1 << 64) - 1)  # choice 2 wraps
+    assert len(r.choices) == 2
+    assert_openai_error(raw(server, "POST", c, json={"model": MODEL, "prompt": "Hi", "stream_options": {"include_usage": True}}),
+                        400, "stream_options")
+    assert_openai_error(raw(server, "POST", c, json={"model": MODEL, "prompt": "Hi", "logprobs": 0}), 400, "logprobs")
+    assert raw(server, "POST", c, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "suffix": ""}).status_code == 200
+    r = client.completions.create(model=MODEL, prompt="Hi", extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16  # the legacy endpoint's default, as OpenAI's
+    nan = b'{"model": "%s", "prompt": "Hi", "max_tokens": 3, "repetition_penalty": NaN}' % MODEL.encode()
+    assert_openai_error(raw(server, "POST", c, content=nan, headers={"Content-Type": "application/json"}), 400,
+                        "repetition_penalty")
+    assert_openai_error(raw(server, "POST", "/v1/chat/completions",
+                            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 250}),
+                        400, "max_completion_tokens")
+    err = assert_openai_error(raw(server, "POST", c, content=b""), 400)
+    assert "empty" in err["message"]
+    # a JSON object without its content type (curl -d) is read as JSON
+    r = raw(server, "POST", c, content=json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+    r = raw(server, "DELETE", "/v1/completions")
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert raw(server, "HEAD", "/health", key=None).status_code == 200
+    assert raw(server, "HEAD", "/", key=None).status_code == 200
+
+
+def test_cors_origins_let_a_page_elsewhere_call_the_api(model_dir) -> None:
+    config = ServeConfig(model_name=MODEL, api_key=KEY, cors_origins=("http://localhost:3000",))
+    with ServerThread(build_app(model_dir, config, max_batch=1, engine="reference")) as srv:
+        pre = httpx.options(srv.url + "/v1/chat/completions", timeout=10, headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.get(srv.url + "/v1/models", timeout=10, headers={"Origin": "http://localhost:3000", "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.get(srv.url + "/v1/models", timeout=10, headers={"Origin": "http://evil.example", "Authorization": f"Bearer {KEY}"})
+        assert "access-control-allow-origin" not in other.headers
+        assert httpx.get(srv.url + "/v1/models", timeout=10).status_code == 401  # the key is still required
+
+
 def test_full_queue_answers_429(server) -> None:
     wait_idle(server)
     body = {"model": MODEL, "prompt": "Busy", "max_tokens": 150, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -539,3 +601,32 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path) -> Non
             browser.close()
     assert shot.stat().st_size > 1000
     print(f"\nchat page screenshot: {shot}")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.skipif(_playwright_missing(), reason="playwright is not installed (pip install playwright)")
+def test_chat_page_leaves_out_old_turns_when_the_history_outgrows_the_context(server) -> None:
+    """A conversation longer than the context keeps going: the page resends the history without its
+    oldest exchanges (and says so) instead of failing with context_length_exceeded."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.add_init_script(f"localStorage.setItem('bittern-api-key', {json.dumps(KEY)})")
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('model:')", timeout=20_000)
+            page.fill("#max-tokens", "120")
+            page.fill("#temperature", "1")
+            for turn in range(6):
+                page.fill("#prompt", f"Tell me more, part {turn}.")
+                page.click("#send")
+                page.wait_for_function(f"document.querySelectorAll('.msg.assistant[data-state=\"done\"]').length === {turn + 1}"
+                                       " || document.querySelector('.msg.error') !== null", timeout=60_000)
+                assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").first.inner_text()
+                if page.locator(".msg.note").count():
+                    break
+            assert "left out to fit the model's context" in page.locator(".msg.note").first.inner_text()
+        finally:
+            browser.close()

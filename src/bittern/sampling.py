@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,20 +22,34 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> "SamplingParams":
-        """Raise ValueError on out-of-range settings; return self."""
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        """Raise ValueError on out-of-range settings (NaN included); return self."""
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError("temperature must be >= 0 and finite")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError("min_p must be in [0, 1)")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError("repetition_penalty must be > 0 and finite")
         if self.max_tokens <= 0:
             raise ValueError("max_tokens must be a positive number of tokens")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]")
         return self
+
+
+#: the seeds a generator takes (64-bit, signed or unsigned)
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def offset_seed(seed: int | None, offset: int) -> int | None:
+    """``seed + offset``, wrapped into the seed range (a request's n choices use seed, seed + 1, ...)."""
+    if seed is None:
+        return None
+    s = seed + offset
+    return s - (1 << 64) if s > SEED_MAX else s
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -13,6 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and the chat page "
                                      "(default: $BITTERN_API_KEY, else no key)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser; "
+                        "repeatable (default: none, same origin only)")
     p.add_argument("--served-model-name", help="model id clients must send (default: the model directory's name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together, i.e. KV-cache slots (default: 8)")
     p.add_argument("--prefill-chunk", type=int,
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("BITTERN_API_KEY") or None
     config = ServeConfig(model_name=args.served_model_name or model.resolve().name, api_key=api_key,
                          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                         max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, request_timeout_s=args.timeout)
+                         max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, request_timeout_s=args.timeout,
+                         cors_origins=tuple(args.cors_origin))
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be at least 1 (got {args.prefill_chunk})")
     if args.prompt_cache_mb < 0:

@@ -18,10 +18,11 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, offset_seed
 from ..tokenizer import Tokenizer
 from .chat_template import ChatTemplateError, chat_stop_strings, render_chat
 from .middleware import GuardMiddleware
@@ -38,17 +39,23 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int | None = None  # default: the context length minus one
     max_tokens_limit: int = 4096  # also capped by the context
-    default_max_tokens: int = 256
+    default_max_tokens: int = 256  # chat completions without max_tokens (capped by the context)
+    completion_default_max_tokens: int = 16  # /v1/completions without max_tokens, as OpenAI's legacy endpoint
     max_choices: int = 8  # n times the number of prompts
     max_queue: int = 64
     request_timeout_s: float = 600.0
+    cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API ("*": any); none by default
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_tokens_limit", "default_max_tokens", "max_choices"):
+        for name in ("max_body_bytes", "max_tokens_limit", "default_max_tokens", "completion_default_max_tokens", "max_choices"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
+
+
+#: how often a non-streaming request checks that its client is still connected (seconds)
+DISCONNECT_CHECK_S = 0.5
 
 
 def _json_error(err: APIError) -> JSONResponse:
@@ -115,7 +122,8 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(message, "invalid_request_error", None, None), status_code=exc.status_code)
+        return JSONResponse(error_body(message, "invalid_request_error", None, None), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # 405 names the allowed methods in Allow
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -128,18 +136,20 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
             raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(body: _Sampling, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(body: _Sampling, prompt_len: int, max_tokens: int | None, name: str, default: int) -> SamplingParams:
+        """The request's sampling settings; ``name``: the field ``max_tokens`` came from; ``default``: the
+        endpoint's number of tokens when none is asked for (capped by the context)."""
         if max_tokens is not None:
             if max_tokens < 1:
-                raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+                raise APIError(400, f"{name} must be at least 1", param=name)
             limit = min(config.max_tokens_limit, context - 1)
             if max_tokens > limit:
-                raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", param="max_tokens")
+                raise APIError(400, f"{name} is {max_tokens}; this server allows at most {limit}", param=name)
             if prompt_len + max_tokens > context:
-                raise APIError(400, f"this model's context is {context} tokens; the prompt has {prompt_len} and max_tokens "
-                                    f"asks for {max_tokens}", param="max_tokens", code="context_length_exceeded")
+                raise APIError(400, f"this model's context is {context} tokens; the prompt has {prompt_len} and {name} "
+                                    f"asks for {max_tokens}", param=name, code="context_length_exceeded")
         else:
-            max_tokens = max(1, min(config.default_max_tokens, context - prompt_len))
+            max_tokens = max(1, min(default, context - prompt_len))
         temperature = 1.0 if body.temperature is None else float(body.temperature)
         if not 0.0 <= temperature <= 2.0:
             raise APIError(400, f"temperature must be between 0 and 2 (got {temperature:g})", param="temperature")
@@ -157,6 +167,10 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
 
+    def check_stream_options(body: _Sampling) -> None:
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
     def stop_list(body: _Sampling, extra: list[str]) -> list[str]:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
@@ -164,7 +178,8 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         return [s for s in stop if s] + extra
 
     def make_jobs(body: _Sampling, prompts: list[list[int]], max_tokens: int | None, extra_stop: list[str],
-                  param: str) -> tuple[list[Job], asyncio.Queue]:
+                  param: str, max_tokens_name: str = "max_tokens", default_max_tokens: int | None = None
+                  ) -> tuple[list[Job], asyncio.Queue]:
         n = 1 if body.n is None else body.n
         if n < 1:
             raise APIError(400, "n must be at least 1", param="n")
@@ -184,9 +199,9 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
                                param=param, code="context_length_exceeded")
             if any(not 0 <= t < tokenizer_vocab for t in prompt):
                 raise APIError(400, f"the prompt holds token ids outside [0, {tokenizer_vocab})", param=param)
-            base = sampling(body, len(prompt), max_tokens)
+            base = sampling(body, len(prompt), max_tokens, max_tokens_name, default_max_tokens or config.default_max_tokens)
             for i in range(n):
-                params = SamplingParams(**{**base.__dict__, "seed": None if base.seed is None else base.seed + i})
+                params = SamplingParams(**{**base.__dict__, "seed": offset_seed(base.seed, i)})
                 jobs.append(Job(list(prompt), params, loop, eos_ids=set(eos), stop=stop, queue=queue,
                                 timeout_s=config.request_timeout_s, index=p * n + i))
         try:
@@ -196,6 +211,11 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         return jobs, queue
 
     tokenizer_vocab = max(tokenizer.vocab_size, 1)
+
+    async def encode(texts: list[str]) -> list[list[int]]:
+        """Token ids of ``texts``, computed off the event loop (the batch encoder releases the GIL: a 1 MB
+        prompt takes ~0.7 s, during which the other requests' streams keep flowing)."""
+        return await asyncio.to_thread(tokenizer.encode_batch, texts)
 
     def cancel_all(jobs: list[Job]) -> None:
         for job in jobs:
@@ -207,13 +227,20 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         reasons = [""] * len(jobs)
         completion = 0
         remaining = len(jobs)
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while remaining:
+                # a client that went away is noticed within DISCONNECT_CHECK_S, whether or not tokens are flowing
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
+                    event = None
+                if loop.time() - checked >= DISCONNECT_CHECK_S or event is None:
+                    checked = loop.time()
                     if await request.is_disconnected():
                         return None
+                if event is None:
                     continue
                 if event.kind == "error":
                     raise APIError(event.status, event.text, type=event.error_type, code=event.code)
@@ -265,7 +292,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
 
     # ------------------------------------------------------------------ routes
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         alive = worker.alive
         return JSONResponse({"status": "ok" if alive else "worker stopped", "model": config.model_name,
@@ -300,7 +327,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         check_model(model_id)
         return model_card()
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:
         html = resources.files("bittern.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html)
@@ -312,17 +339,19 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        for name in ("best_of", "suffix"):
-            if getattr(body, name) not in (None, 1):
-                raise APIError(400, f"{name} is not supported", param=name)
-        if body.logprobs:
+        if body.best_of not in (None, 1):
+            raise APIError(400, "best_of is not supported", param="best_of")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.logprobs is not None:  # 0 asks for the chosen tokens' log-probabilities
             raise APIError(400, "logprobs are not supported", param="logprobs")
+        check_stream_options(body)
         if isinstance(body.prompt, str):
             texts: list[str | None] = [body.prompt]
-            prompts = [tokenizer.encode(body.prompt)]
+            prompts = await encode(texts)
         elif body.prompt and isinstance(body.prompt[0], str):
             texts = list(body.prompt)
-            prompts = [tokenizer.encode(t) for t in body.prompt]
+            prompts = await encode(texts)
         elif body.prompt and isinstance(body.prompt[0], int):
             texts, prompts = [None], [list(body.prompt)]
         else:
@@ -330,7 +359,8 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         if not prompts:
             raise APIError(400, "the prompt is empty", param="prompt")
         prompts = [p if p or tokenizer.bos_id is None else [tokenizer.bos_id] for p in prompts]
-        jobs, queue = make_jobs(body, prompts, body.max_tokens, [], "prompt")
+        jobs, queue = make_jobs(body, prompts, body.max_tokens, [], "prompt",
+                                default_max_tokens=config.completion_default_max_tokens)
         n = len(jobs) // len(prompts)
         prefix = ["" for _ in jobs]
         if body.echo:
@@ -368,6 +398,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
+        check_stream_options(body)
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
         if body.tools:
@@ -393,9 +424,12 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
             text = render_chat(messages, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
-        prompt = tokenizer.encode(text)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        jobs, queue = make_jobs(body, [prompt], max_tokens, chat_stop_strings(tokenizer.chat_template), "messages")
+        prompt = (await encode([text]))[0]
+        if body.max_completion_tokens is not None:
+            max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, name = body.max_tokens, "max_tokens"
+        jobs, queue = make_jobs(body, [prompt], max_tokens, chat_stop_strings(tokenizer.chat_template), "messages", name)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
@@ -429,4 +463,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
                              "usage": _usage(len(prompt), completion, jobs, len(jobs))})
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes, metrics=worker.metrics)
+    if config.cors_origins:  # outermost: a browser's preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app

@@ -32,6 +32,11 @@ async def send_error(send: Send, status: int, message: str, type: str, code: str
     await send({"type": "http.response.body", "body": body})
 
 
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
 class GuardMiddleware:
     """Checks the API key (except on :data:`PUBLIC_PATHS`), caps the body at ``max_body_bytes``, counts requests."""
 
@@ -98,6 +103,10 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if body.lstrip().startswith(b"{") and not _is_json(headers.get(b"content-type", b"")):
+            # a JSON object sent without its content type (``curl -d`` says form data): read it as JSON
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         replayed = False
 
         async def replay() -> Message:

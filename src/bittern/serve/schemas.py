@@ -111,6 +111,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         ctx = first.get("ctx", {}) or {}
         return f"malformed JSON body: {ctx.get('error', first.get('msg', 'cannot parse'))}", None
     if first.get("type") == "missing":
+        if param is None:
+            return "the request body is empty: send a JSON object", None
         return f"missing required parameter: {param!r}", param
     if first.get("type") == "model_attributes_type" or (not loc and "dict" in first.get("msg", "")):
         return "the request body must be a JSON object", None
