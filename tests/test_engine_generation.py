@@ -311,10 +311,17 @@ def test_cli_generate_streams_and_reports(model_dir, capsys) -> None:
     (["generate", "MODEL", "bad \udcff prompt"], "not valid UTF-8"),
     (["generate", "MODEL", "LONG"], "context"),
     (["generate", "MODEL", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "MODEL", "hi", "--threads", "100000"], "--threads must be between 1 and 256"),
+    (["generate", "MODEL", "hi", "--stop", "bad \udcff"], "--stop string is not valid UTF-8"),
+    (["generate", "MODEL", "hi", "--ids"], "--ids: give the prompt as comma-separated token ids"),
+    (["generate", "MODEL", "hi", "--temperature", "nan"], "temperature"),
+    (["chat", "--model", "MODEL", "--system", "bad \udcff"], "--system prompt is not valid UTF-8"),
+    (["chat", "--model", "MODEL", "--system", "LONG"], "the system prompt takes"),
+    (["model", "create", "--config", "tiny", "--random", "/dev/null/x"], "/dev/null/x"),
 ])
 def test_cli_bad_input_one_line_error(model_dir, capsys, argv, message) -> None:
     argv = [str(model_dir) if a == "MODEL" else a for a in argv]
-    if argv[1] == str(model_dir):
+    if argv[0] == "generate" and argv[1] == str(model_dir):
         argv = ["generate", "--model", *argv[1:]]
     argv = ["the " * 400 if a == "LONG" else a for a in argv]
     rc = main(argv)
@@ -393,3 +400,87 @@ def test_cli_chat_second_turn_reuses_the_history(model_dir, capsys, monkeypatch)
     err = capsys.readouterr().err
     reports = [line for line in err.splitlines() if line.startswith("[prefill")]
     assert len(reports) == 2 and "reused from the cache" not in reports[0] and "reused from the cache" in reports[1]
+
+
+def test_generate_batch_stops_at_stop_strings_while_decoding(engine) -> None:
+    """generate_batch stops a request at its stop string as generate does (same text, ids and reason,
+    not max_tokens decoded and cut afterwards), and fills each result's stats."""
+    greedy = SamplingParams(max_tokens=40)
+    full = engine.generate("the", greedy)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert len(stop) == 3
+    params = SamplingParams(max_tokens=40, stop=[stop])
+    alone = engine.generate("the", params)
+    batch = engine.generate_batch(["the", "ROMEO:"], [params, greedy])
+    assert (batch[0].text, batch[0].token_ids, batch[0].finish_reason) == (alone.text, alone.token_ids, "stop")
+    assert len(batch[0].token_ids) < 40
+    assert batch[1].token_ids == engine.generate("ROMEO:", greedy).token_ids
+    for result, prompt in zip(batch, ["the", "ROMEO:"]):
+        st = result.stats
+        assert st.prompt_tokens == len(engine.encode(prompt)) and st.generated_tokens >= len(result.token_ids) > 0
+        assert st.prefill_seconds > 0 and st.decode_seconds >= 0
+
+
+def test_batch_and_single_generation_both_run_to_the_end_of_the_context(engine) -> None:
+    ids = engine.encode("the")[:1]
+    params = SamplingParams(max_tokens=10_000)
+    alone = list(engine.generate_ids(ids, params, eos_ids=set()))
+    gen = engine.batch_generator(max_batch=1)
+    rid = gen.add(ids, params, set())
+    batched = []
+    while gen.active:
+        batched += [o.token for o in gen.step() if o.request_id == rid]
+    assert len(alone) == engine.context and batched == alone
+
+
+def test_sampling_params_take_one_stop_string_and_refuse_non_finite_values() -> None:
+    assert SamplingParams(stop="ab").stop == ["ab"]
+    for bad in (dict(temperature=float("nan")), dict(repetition_penalty=float("nan")), dict(repetition_penalty=float("inf")),
+                dict(seed=1 << 64), dict(seed=-(1 << 63) - 1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad).validate()
+    SamplingParams(seed=(1 << 64) - 1).validate()
+
+
+def test_engine_api_refuses_bad_options_at_load(model_dir, engine) -> None:
+    with pytest.raises(ValueError, match="KV-cache dtype"):
+        Engine.load(model_dir, kv_dtype="bogus")
+    with pytest.raises(ValueError, match="threads"):
+        Engine.load(model_dir, threads=100_000)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        engine.perplexity([1])
+
+
+def test_cli_stop_string_escapes_and_chat_skips_undecodable_lines(model_dir, capsys, monkeypatch) -> None:
+    """``--stop "\\n"`` (a shell user's newline) stops at a newline; a chat line that is not UTF-8 is
+    refused with a notice and the session goes on; a reply keeps room in the context."""
+    from bittern.commands.generate import unescape
+
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\\n") == "a\\n" and unescape(r"\q") == r"\q"
+    base = ["generate", "KING HENRY:", "--max-tokens", "40"]  # the shipped model writes verse, with blank lines
+    assert main(base) == 0
+    full = capsys.readouterr().out
+    assert "\n\n" in full[len("KING HENRY:"):].rstrip("\n"), "greedy text has no blank line to stop at"
+    assert main(base + ["--stop", r"\n\n"]) == 0
+    cut = capsys.readouterr().out
+    assert cut == full[: full.index("\n\n", len("KING HENRY:"))] + "\n"
+    lines = iter(["hello", "bad \udcff line", "again " * 20, "more " * 20, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "100", "--seed", "2", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "not valid UTF-8; not sent" in err and err.count("[prefill") == 3
+    prompts = [int(line.split("[prefill ")[1].split()[0]) for line in err.splitlines() if "[prefill" in line]
+    assert all(n <= 256 - 100 for n in prompts), prompts  # old turns were left out to keep 100 tokens free
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(model_dir) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "bittern", "generate", "--model", str(model_dir), "ROMEO:",
+                             "--max-tokens", "200", "--temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(3)
+    proc.stdout.close()  # as `| head -c 3` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err

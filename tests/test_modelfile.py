@@ -153,3 +153,62 @@ def test_non_finite_weights_refuse_to_pack(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         save_packed(model, tmp_path / "nan")
     assert not (tmp_path / "nan" / WEIGHTS_FILE).exists()
+
+
+def _edit(directory, tmp_path, header_edit=None, data_edit=None, config_edit=None, name="bad"):
+    """A copy of ``directory`` with its safetensors header (a dict) and/or bytes edited in place."""
+    target = tmp_path / name
+    target.mkdir()
+    for f in directory.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    raw = bytearray((target / WEIGHTS_FILE).read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    if header_edit is not None:
+        header_edit(header)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= n
+        raw[8 : 8 + n] = text + b" " * (n - len(text))
+    if data_edit is not None:
+        data_edit(header, raw, 8 + n)
+    (target / WEIGHTS_FILE).write_bytes(bytes(raw))
+    if config_edit is not None:
+        cfg = json.loads((target / "config.json").read_text())
+        config_edit(cfg)
+        (target / "config.json").write_text(json.dumps(cfg))
+    return target
+
+
+def _put_float(name, value):
+    def edit(header, raw, start):
+        begin = header[name]["data_offsets"][0]
+        raw[start + begin : start + begin + 4] = struct.pack("<f", value)
+    return edit
+
+
+def _set(name, key, value):
+    def edit(header):
+        header[name][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("mmap_weights", [True, False])
+def test_engine_refuses_damaged_files_with_one_clear_error(saved, tmp_path, mmap_weights):
+    """The engine's loader checks what the reference loader checks: shapes and dtypes against the config,
+    finite positive scales, finite norms, no tensors the config lacks."""
+    from bittern.engine import EngineModel
+
+    _, directory = saved
+    scale, packed, norm = "layers.0.mlp.down_proj.weight_scale", "layers.0.mlp.down_proj.weight_packed", "norm.weight"
+    cases = [
+        (dict(header_edit=_set(scale, "shape", [])), "has shape \\(\\), the config expects \\(1,\\)"),
+        (dict(header_edit=_set(packed, "dtype", "I8")), "has dtype torch.int8, expected torch.uint8"),
+        (dict(data_edit=_put_float(scale, float("nan"))), "NaN or Inf"),
+        (dict(data_edit=_put_float(scale, -1.0)), "not a positive scale"),
+        (dict(data_edit=_put_float(norm, float("inf"))), "NaN or Inf"),
+        (dict(config_edit=lambda c: c["model"].update(num_layers=1)), "does num_layers match"),
+    ]
+    for i, (edits, message) in enumerate(cases):
+        bad = _edit(directory, tmp_path, name=f"bad{i}", **edits)
+        with pytest.raises(ModelFileError, match=message):
+            EngineModel.load(bad, head="f32", mmap_weights=mmap_weights)

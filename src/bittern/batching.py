@@ -366,7 +366,8 @@ class BatchGenerator:
         reason = None
         if token in request.eos_ids:
             reason = "stop"
-        elif len(request.generated) >= request.params.max_tokens or request.position + 1 >= self.max_len:
+        elif len(request.generated) >= request.params.max_tokens or request.position >= self.max_len:
+            # (the sampled token would be written at ``position``; the last one never needs writing)
             reason = "length"
         if reason:
             request.finished, request.finish_reason = True, reason

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -39,8 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.handler(args)
-    except (UsageError, ModelFileError, NonFiniteError, FileNotFoundError, ValueError) as e:
+    except BrokenPipeError:
+        # the reader of our output went away (``| head``): stop quietly, as a command killed by SIGPIPE
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except (UsageError, ModelFileError, NonFiniteError, ValueError) as e:
         print(f"bittern {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written: its name and the reason are enough
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bittern {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -21,6 +21,10 @@ class SamplingParams:
     max_tokens: int = 128
     stop: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = [self.stop]
+
     def validate(self) -> "SamplingParams":
         """Raise ValueError on out-of-range settings (NaN included); return self."""
         if not 0 <= self.temperature < math.inf:

@@ -88,7 +88,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     eos = bos = template = None
     config_path = directory / "tokenizer_config.json"
     if config_path.is_file():
-        cfg = json.loads(config_path.read_text())
+        try:
+            cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise UsageError(f"{config_path}: not a JSON object")
         eos, bos = _token_text(cfg.get("eos_token")), _token_text(cfg.get("bos_token"))
         template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
     return Tokenizer(hf, eos, bos, template)

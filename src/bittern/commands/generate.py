@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ..errors import UsageError
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="packed model directory (default: the model shipped with bittern, if any)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, 1 to 256 (default: all cores)")
     p.add_argument("--head", default="auto", choices=["auto", "int8", "int6", "int5", "bf16", "f16", "f32"],
                    help="LM head / tied embedding precision in memory (default auto: int6 with per-row scales "
                         "when the hidden size is a multiple of 128, else int8)")
@@ -26,7 +27,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (reproducible sampling)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable); \\n, \\t, \\r and \\\\ are read as escapes, as llama.cpp does")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,15 +81,33 @@ def resolve_model(path: str | None) -> Path:
     return Path(found)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0", "'": "'", '"': '"'}
+
+
+def unescape(text: str) -> str:
+    """``text`` with the backslash escapes a shell user types for control characters (``\\n``, ``\\t``,
+    ``\\r``, ``\\\\``, ``\\0``, quotes) replaced; any other backslash is kept."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid UTF-8 (undecodable byte at position {e.start})") from None
+
+
 def _params(args: argparse.Namespace, default_temperature: float):
     from ..sampling import SamplingParams
 
+    for stop in args.stop:
+        _check_utf8(stop, "a --stop string")
     if args.max_tokens <= 0:
         raise UsageError(f"--max-tokens must be a positive number of tokens (got {args.max_tokens})")
     params = SamplingParams(temperature=default_temperature if args.temperature is None else args.temperature,
                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
-                            stop=list(args.stop))
+                            stop=[unescape(stop) for stop in args.stop])
     try:
         return params.validate()
     except ValueError as e:
@@ -97,8 +117,10 @@ def _params(args: argparse.Namespace, default_temperature: float):
 def _load(args: argparse.Namespace):
     from ..engine import Engine
 
-    if args.threads is not None and args.threads <= 0:
-        raise UsageError("--threads must be a positive number")
+    from ..engine.generate import MAX_THREADS
+
+    if args.threads is not None and not 0 < args.threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be between 1 and {MAX_THREADS} (got {args.threads})")
     return Engine.load(resolve_model(args.model), head=args.head, kv_dtype=args.kv, threads=args.threads,
                        mmap_weights=args.mmap)
 
@@ -108,6 +130,9 @@ def _report(engine) -> None:
 
     file = sys.stderr
     st = engine.last_stats
+    if not st.generated_tokens:  # interrupted while the prompt was running
+        print(f"\n[stopped before the first token | peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]", file=file)
+        return
     reused = f" ({st.reused_tokens} reused from the cache)" if st.reused_tokens else ""
     print(f"\n[prefill {st.prompt_tokens} tok{reused}, {st.prefill_tok_s:.1f} tok/s | decode {st.generated_tokens} tok, "
           f"{st.decode_tok_s:.1f} tok/s | peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]", file=file)
@@ -132,11 +157,15 @@ def run_generate(args: argparse.Namespace) -> int:
         try:
             ids = [int(t) for t in prompt.replace(",", " ").split()]
         except ValueError:
-            raise UsageError("this model has no tokenizer: give the prompt as comma-separated token ids") from None
+            raise UsageError("--ids: give the prompt as comma-separated token ids" if args.ids else
+                             "this model has no tokenizer: give the prompt as comma-separated token ids") from None
         out = sys.stdout
-        for token in engine.generate_ids(engine.check_prompt(ids, params), params):
-            out.write(f"{token} ")
-            out.flush()
+        try:
+            for token in engine.generate_ids(engine.check_prompt(ids, params), params):
+                out.write(f"{token} ")
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("[stopped]")
         out.write("\n")
     else:
         ids = engine.check_prompt(prompt, params)
@@ -174,13 +203,25 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[st
 
 def run_chat(args: argparse.Namespace) -> int:
     params = _params(args, 0.7)
+    if args.system:
+        _check_utf8(args.system, "the --system prompt")
     engine = _load(args)
     if engine.tokenizer is None:
         raise UsageError("this model has no tokenizer, so it cannot chat")
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
+        n = len(engine.tokenizer.encode(render_chat(engine.tokenizer, history + [{"role": "user", "content": ""}])[0]))
+        if n >= engine.context:
+            raise UsageError(f"the system prompt takes {n} tokens; the model's context is {engine.context}")
     base = list(history)
+    # what a reply may always use: old turns are left out to keep this much of the context free
+    reply_room = max(1, min(params.max_tokens, engine.context // 2))
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     print("bittern chat: /reset clears the history, /exit quits, Ctrl-C stops a reply.", file=sys.stderr)
     while True:
         try:
@@ -194,6 +235,11 @@ def run_chat(args: argparse.Namespace) -> int:
         cmd = line.strip()
         if not cmd:
             continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            print("(that line is not valid UTF-8; not sent)", file=sys.stderr)
+            continue
         if cmd in ("/exit", "/quit"):
             return 0
         if cmd == "/reset":
@@ -204,12 +250,12 @@ def run_chat(args: argparse.Namespace) -> int:
         text, stops = render_chat(engine.tokenizer, history)
         turn = params.__class__(**{**params.__dict__, "stop": list(params.stop) + stops})
         ids = engine.tokenizer.encode(text)
-        room = engine.context - 1
+        room = engine.context - reply_room
         while len(ids) > room and len(history) > len(base) + 1:  # drop the oldest turns that do not fit
             history.pop(len(base))
             text, stops = render_chat(engine.tokenizer, history)
             ids = engine.tokenizer.encode(text)
-        if len(ids) > room:
+        if len(ids) >= engine.context:
             history.pop()
             print(f"(message too long: {len(ids)} tokens; the context is {engine.context})", file=sys.stderr)
             continue
@@ -227,6 +273,18 @@ def run_chat(args: argparse.Namespace) -> int:
         _report(engine)
 
 
+#: the longest context ``model create`` writes (the RoPE tables alone take 1 KB per position at head size 128)
+MAX_CONTEXT = 1 << 20
+
+
+def _count(n: float) -> str:
+    """``n`` with a k / M / G suffix: 1.90M, 2.41G."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def run_model_create(args: argparse.Namespace) -> int:
     from ..configs import get_config
     from ..engine.create import create_random_model
@@ -236,13 +294,18 @@ def run_model_create(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.max_seq_len is not None:
+        if not 0 < args.max_seq_len <= MAX_CONTEXT:
+            raise UsageError(f"--max-seq-len must be between 1 and {MAX_CONTEXT} (got {args.max_seq_len})")
         cfg = cfg.replace(max_seq_len=args.max_seq_len)
     from ..pack import get_layout
 
     lay = get_layout(args.layout)
+    out = Path(args.random)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)  # fails here, in one line, when it cannot be made
     est = cfg.num_linear_params() * lay.bits_per_weight / 8 + cfg.num_embedding_params() * 2
-    print(f"writing random {cfg.name} model ({cfg.num_params() / 1e9:.2f}B params, ~{est / 1e9:.2f} GB) to {args.random}",
-          file=sys.stderr)
+    print(f"writing random {cfg.name} model ({_count(cfg.num_params())} params, ~{_count(est)}B) to {out}", file=sys.stderr)
     last = [0.0]
 
     def progress(done: int, total: int) -> None:

@@ -21,7 +21,7 @@ from ..batching import BatchGenerator, SeenTokens
 from ..errors import UsageError
 from ..prefix_store import PrefixStore
 from ..sampling import SamplingParams, make_generator, sample_next
-from .kvcache import EngineKVCache
+from .kvcache import KV_DTYPES, EngineKVCache
 from .model import EngineModel
 
 
@@ -35,11 +35,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+#: the most threads the kernels' pool runs
+MAX_THREADS = 256
+
+
 def set_threads(n: int | None) -> int:
-    """Use ``n`` CPU threads for kernels and torch ops (None: all cores); returns the number in use."""
+    """Use ``n`` CPU threads for kernels and torch ops (None or 0: all cores); returns the number in use."""
     n = n or os.cpu_count() or 1
-    if n <= 0:
-        raise ValueError("threads must be a positive number")
+    if not 0 < n <= MAX_THREADS:
+        raise ValueError(f"threads must be between 1 and {MAX_THREADS} (got {n})")
     torch.set_num_threads(n)
     try:
         from ..kernels import native  # type: ignore[attr-defined]
@@ -149,6 +153,8 @@ class Engine:
 
         from ..modelfile import read_config
 
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown KV-cache dtype {kv_dtype!r}; choose one of {sorted(KV_DTYPES)}")
         if threads is not None:
             set_threads(threads)
         model = EngineModel.load(path, head=head, backend=backend, mmap_weights=mmap_weights)
@@ -344,26 +350,46 @@ class Engine:
         longest = max(len(ids) + p.max_tokens for ids, p in zip(encoded, plist))
         gen = self.batch_generator(len(prompts), min(self.context, longest + 1))
         eos = self.eos_ids()
+        t0 = time.perf_counter()
         rid = [gen.add(ids, p, eos) for ids, p in zip(encoded, plist)]
         out: dict[int, list[int]] = {r: [] for r in rid}
         reasons: dict[int, str] = {}
+        stats = {r: GenerationStats(prompt_tokens=len(ids)) for r, ids in zip(rid, encoded)}
+        first: dict[int, float] = {}
+        texts = {r: _TextStream(self.tokenizer, p.stop) for r, p in zip(rid, plist)} if self.tokenizer is not None else {}
         while gen.active:
-            for o in gen.step():
-                if not (o.finished and o.finish_reason == "stop" and o.token in eos):
-                    out[o.request_id].append(o.token)
+            outputs = gen.step()
+            now = time.perf_counter()
+            for o in outputs:
+                r = o.request_id
+                st = stats[r]
+                st.generated_tokens += 1
+                if r not in first:
+                    first[r] = now
+                    st.prefill_seconds = now - t0
+                    st.reused_tokens = o.cached_prompt_tokens or 0
+                st.decode_seconds = now - first[r]
+                if o.finished and o.finish_reason == "stop" and o.token in eos:
+                    reasons[r] = "stop"
+                    continue
+                out[r].append(o.token)
                 if o.finished:
-                    reasons[o.request_id] = o.finish_reason or "length"
+                    reasons[r] = o.finish_reason or "length"
+                if r in texts:
+                    texts[r].push(o.token)
+                    if texts[r].stopped and not o.finished:  # a stop string: this request is done
+                        gen.cancel(r)
+                        reasons[r] = "stop"
         results = []
-        for r, p in zip(rid, plist):
-            toks = out[r]
+        for r in rid:
             text = ""
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(toks)
-                for s in p.stop:
-                    cut = text.find(s) if s else -1
-                    if cut >= 0:
-                        text, reasons[r] = text[:cut], "stop"
-            results.append(GenerationResult(text, toks, reasons.get(r, "length")))
+            if r in texts:
+                stream = texts[r]
+                stream.finish()
+                text = stream.text[: stream.emitted] if stream.stopped else stream.text
+                if stream.stopped:
+                    reasons[r] = "stop"
+            results.append(GenerationResult(text, out[r], reasons.get(r, "length"), stats[r]))
         return results
 
     # ------------------------------------------------------------------ scoring
@@ -375,6 +401,8 @@ class Engine:
 
     def perplexity(self, ids: list[int], window: int | None = None) -> float:
         """Perplexity of ``ids`` in consecutive windows of ``window`` tokens (default: the context)."""
+        if len(ids) < 2:
+            raise ValueError(f"perplexity needs at least 2 tokens (got {len(ids)})")
         window = min(window or self.context, self.context)
         total, count = 0.0, 0
         for a in range(0, len(ids) - 1, window):

@@ -188,9 +188,17 @@ class EngineModel:
             arena = HugePageArena(HugePageArena.bytes_for([v for n, v in t.items() if n.endswith(".weight_packed")]))
             source = open(where, "rb", buffering=0)
 
-        def take(name: str) -> torch.Tensor:
+        used: set[str] = set()
+        floats = (torch.float32, torch.float16, torch.bfloat16)
+
+        def take(name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[torch.dtype, ...] = floats) -> torch.Tensor:
             if name not in t:
                 raise ModelFileError(f"{where}: tensor {name!r} is missing")
+            if shape is not None and tuple(t[name].shape) != shape:
+                raise ModelFileError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, the config expects {shape}")
+            if t[name].dtype not in dtypes:
+                raise ModelFileError(f"{where}: tensor {name!r} has dtype {t[name].dtype}, expected {dtypes[0]}")
+            used.add(name)
             if arena is None or source is None or file_offsets is None or name in ("embed_tokens.weight", "lm_head.weight"):
                 return t[name]  # the embedding: its pages are dropped as the head table is converted
             offset, nbytes = file_offsets[name]
@@ -198,15 +206,20 @@ class EngineModel:
             out = arena.empty(shape, dtype) if name.endswith(".weight_packed") else torch.empty(shape, dtype=dtype)
             return read_into(source, offset, out, nbytes, where)
 
-        def norm(name: str) -> torch.Tensor:
-            return take(name).float()
+        def finite(name: str, x: torch.Tensor) -> torch.Tensor:
+            if not bool(torch.isfinite(x).all()):
+                raise ModelFileError(f"{where}: tensor {name!r} holds NaN or Inf")
+            return x
+
+        def norm(name: str, width: int = cfg.hidden_size) -> torch.Tensor:
+            return finite(name, take(name, (width,)).float())
 
         def ternary(name: str, out_f: int, in_f: int) -> TernaryWeight:
-            packed = take(f"{name}.weight_packed")
-            if tuple(packed.shape) != (out_f, lay.packed_cols(in_f)):
-                raise ModelFileError(f"{where}: tensor {name + '.weight_packed'!r} has shape {tuple(packed.shape)}, "
-                                     f"expected {(out_f, lay.packed_cols(in_f))} for layout {layout}")
-            return TernaryWeight(packed, take(f"{name}.weight_scale").float().reshape(()), out_f, in_f, layout)
+            packed = take(f"{name}.weight_packed", (out_f, lay.packed_cols(in_f)), (torch.uint8,))
+            scale = finite(f"{name}.weight_scale", take(f"{name}.weight_scale", (1,), (torch.float32,)).float().reshape(()))
+            if float(scale) <= 0:
+                raise ModelFileError(f"{where}: tensor {name + '.weight_scale'!r} is not a positive scale")
+            return TernaryWeight(packed, scale, out_f, in_f, layout)
 
         shapes = cfg.linear_shapes()
         inner = cfg.bitlinear_norm
@@ -217,7 +230,7 @@ class EngineModel:
                      "o_proj": f"{p}.self_attn.o_proj", "gate_proj": f"{p}.mlp.gate_proj", "up_proj": f"{p}.mlp.up_proj",
                      "down_proj": f"{p}.mlp.down_proj"}
             w = {k: ternary(n, *shapes[k]) for k, n in names.items()}
-            nrm = {k: (norm(f"{n}.norm.weight") if inner else None) for k, n in names.items()}
+            nrm = {k: (norm(f"{n}.norm.weight", shapes[k][1]) if inner else None) for k, n in names.items()}
 
             def group(keys: list[str]) -> LinearGroup:
                 return LinearGroup([w[k] for k in keys], [nrm[k] for k in keys], backend, cfg.norm_eps)
@@ -229,24 +242,26 @@ class EngineModel:
                 o=group(["o_proj"]),
                 ffn_norm=None if inner else norm(f"{p}.post_attention_layernorm.weight"),
                 gate_up=group(["gate_proj", "up_proj"]),
-                ffn_sub_norm=norm(f"{p}.mlp.ffn_sub_norm.weight") if cfg.subln else None,
+                ffn_sub_norm=norm(f"{p}.mlp.ffn_sub_norm.weight", cfg.intermediate_size) if cfg.subln else None,
                 down=group(["down_proj"]),
             ))
-        emb_w = take("embed_tokens.weight")
-        if tuple(emb_w.shape) != (cfg.vocab_size, cfg.hidden_size):
-            raise ModelFileError(f"{where}: embed_tokens.weight has shape {tuple(emb_w.shape)}")
+        emb_w = take("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         if cfg.tie_embeddings:
             table = TokenTable(emb_w, head, release_source=mapped)
             if embed not in (None, head):
                 raise ValueError("a tied model shares one table for embedding and head: use head= only")
             emb_table = head_table = table
         else:
-            head_table = TokenTable(take("lm_head.weight"), head, release_source=mapped)
+            head_table = TokenTable(take("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)), head, release_source=mapped)
             stored = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(emb_w.dtype, "f32")
             emb_table = TokenTable(emb_w, embed or stored)
         final_norm = norm("norm.weight")
         if source is not None:
             source.close()
+        extra = set(t) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        if extra:
+            raise ModelFileError(f"{where}: tensors the config does not have (does num_layers match the file?): "
+                                 f"{sorted(extra)[:5]}")
         model = cls(cfg, layers, emb_table, head_table, final_norm, size)
         model.weights_mapped = mapped and arena is None
         model.weights_on_huge_pages = arena is not None and arena.huge
