@@ -337,3 +337,39 @@ def test_unsupported_configs(tmp_path):
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ModelFileError, match=msg):
             load_hf(d)
+
+
+def test_special_token_ids_and_norm_eps_defaults_follow_transformers(tmp_path) -> None:
+    """BOS / EOS ids of the source config survive bittern -> HF without a tokenizer (not transformers'
+    128000 / 128001 defaults, outside this vocabulary); a llama config without rms_norm_eps means 1e-6,
+    as LlamaConfig says."""
+    from bittern.interop import convert
+    from bittern.interop.hf import hf_model_config
+
+    src = make_checkpoint(tmp_path / "src", bos_token_id=0, eos_token_id=3)
+    convert(src, tmp_path / "bt")
+    convert(tmp_path / "bt", tmp_path / "hf", to="hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (0, 3)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").eos_token_id == 3
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+            "intermediate_size": 128, "vocab_size": 100}
+    assert hf_model_config(base).norm_eps == 1e-6
+    assert hf_model_config({**base, "model_type": "bitnet"}).norm_eps == 1e-5
+    assert hf_model_config({**base, "rms_norm_eps": 3e-6}).norm_eps == 3e-6
+
+
+def test_convert_stops_on_a_damaged_tokenizer_and_a_malformed_quantization_config(tmp_path) -> None:
+    from bittern.interop import convert
+    from bittern.modelfile import ModelFileError
+
+    src = make_checkpoint(tmp_path / "src")
+    (src / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="tokenizer cannot be read"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (src / "tokenizer.json").unlink()
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "quantization_config": "bitnet"}))
+    with pytest.raises(ModelFileError, match="quantization_config must be an object"):
+        convert(src, tmp_path / "out")

@@ -111,3 +111,32 @@ def test_llama_cpp_runs_relu2_bitnet_with_silu(tmp_path):
     print(f"\nrelu2 model in llama.cpp: |diff| vs SiLU twin {d_silu:.3g}, vs relu2 model {d_relu:.3g}")
     assert d_silu < 1e-4 * silu_logits.abs().max().item() < d_relu
     assert cpp_tokens == silu_tokens
+
+
+def test_bittern_reads_a_file_requantised_by_llama_quantize(tmp_path):
+    """llama-quantize to TQ2_0 stores token_embd/output as Q6_K: bittern dequantises those as llama.cpp
+    does and reads the ternary weights exactly."""
+    import gguf
+
+    from bittern.interop.gguf_io import load_gguf
+
+    model = _model("tiny", 0)
+    f16 = save_gguf(model, tmp_path / "f16.gguf", weight_type="F16")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_TQ2_0
+    out = tmp_path / "tq2.gguf"
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) == 0
+    types = {t.name: gguf.GGMLQuantizationType(int(t.tensor_type)).name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] not in ("F16", "F32", "TQ2_0")  # a k-quant: what the old reader refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = load_gguf(out)
+    for name, m in model.packed_linears().items():
+        assert torch.equal(back.packed_linears()[name].ternary.codes(), m.ternary.codes()), name
+    import numpy as np
+
+    t = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == "token_embd.weight")
+    expected = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType(int(t.tensor_type)))
+    assert torch.equal(back.embed_tokens.weight.float(), torch.from_numpy(np.asarray(expected, dtype=np.float32)).reshape(300, 256))
+    emb = model.embed_tokens.weight
+    assert (back.embed_tokens.weight.float() - emb.float()).abs().max() / emb.abs().max() < 0.1  # a close copy

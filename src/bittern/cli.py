@@ -12,6 +12,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 from . import commands
 from .errors import UsageError
@@ -38,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    # warnings read as the command's own messages, without Python's file:line and source line
+    python_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"bittern {args.command}: warning: {message}\n"
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = python_format
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         result = args.handler(args)
     except BrokenPipeError:

@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-linear-class", default="bitlinear", choices=["bitlinear", "autobitlinear"],
                    help="HF scale convention: bitlinear stores 1/gamma (2B4T), autobitlinear stores gamma")
     p.add_argument("--revision", default=None, help="Hub revision when SRC is a repo id")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (the old directory is removed whole once the new one is complete)")
     p.set_defaults(handler=run)
 
 
@@ -31,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
 
     to = args.to or ("gguf" if str(args.dst).endswith(".gguf") else "bittern")
     out = convert(args.src, args.dst, to=to, layout=args.layout, weight_type=args.weight_type, dtype=args.dtype,
-                  hf_linear_class=args.hf_linear_class, revision=args.revision)
+                  hf_linear_class=args.hf_linear_class, revision=args.revision, overwrite=args.overwrite)
     print(f"wrote {to} model to {out}")
     return 0

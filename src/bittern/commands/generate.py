@@ -134,8 +134,10 @@ def _report(engine) -> None:
         print(f"\n[stopped before the first token | peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]", file=file)
         return
     reused = f" ({st.reused_tokens} reused from the cache)" if st.reused_tokens else ""
-    print(f"\n[prefill {st.prompt_tokens} tok{reused}, {st.prefill_tok_s:.1f} tok/s | decode {st.generated_tokens} tok, "
-          f"{st.decode_tok_s:.1f} tok/s | peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]", file=file)
+    # the first token comes from the prefill's logits: a decode rate needs at least two
+    rate = f", {st.decode_tok_s:.1f} tok/s" if st.generated_tokens > 1 else ""
+    print(f"\n[prefill {st.prompt_tokens} tok{reused}, {st.prefill_tok_s:.1f} tok/s | decode {st.generated_tokens} tok"
+          f"{rate} | peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]", file=file)
 
 
 def run_generate(args: argparse.Namespace) -> int:

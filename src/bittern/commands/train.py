@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from ..errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir")
     p.add_argument("--layout", default="2bit", choices=["2bit", "1.6bit"])
     p.add_argument("--checkpoint", help="a specific checkpoint directory (default: the latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.set_defaults(handler=run_pack)
 
 
@@ -104,6 +108,13 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run_pack(args: argparse.Namespace) -> int:
     from ..train.export import pack_run
 
-    out = pack_run(args.run_dir, args.out_dir, layout=args.layout, checkpoint=args.checkpoint)
-    print(f"packed model written to {out}")
+    from ..output_dir import fresh_output_dir
+
+    run = Path(args.run_dir)
+    # never into the run's checkpoints (that would replace one), nor into the run directory itself
+    if Path(args.out_dir).expanduser().resolve() == run.expanduser().resolve():
+        raise UsageError(f"{args.out_dir}: the run directory itself; choose another output")
+    with fresh_output_dir(args.out_dir, args.overwrite, protect=[run / "checkpoints"]) as out:
+        pack_run(args.run_dir, out, layout=args.layout, checkpoint=args.checkpoint)
+    print(f"packed model written to {args.out_dir}")
     return 0

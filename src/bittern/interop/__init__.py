@@ -17,6 +17,7 @@ import torch
 from ..errors import UsageError
 from ..model import Transformer
 from ..modelfile import FORMAT, load_packed
+from ..output_dir import check_output_path, fresh_output_dir
 from .bittern_io import save_packed_streaming
 from .gguf_io import load_gguf, load_gguf_tokenizer, save_gguf
 from .hf import hf_source, load_hf, load_tokenizer_if_any, save_hf
@@ -91,13 +92,15 @@ def _tokenizer_dir(tokenizer: object | None, tmp: Path) -> Path | None:
 
 def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str = "bittern", layout: str = "2bit",
             weight_type: str = "TQ2_0", dtype: str | None = None, hf_linear_class: str = "bitlinear",
-            revision: str | None = None) -> Path:
+            revision: str | None = None, overwrite: bool = False) -> Path:
     """Convert ``source`` (anything :func:`from_pretrained` opens) to ``to`` at ``dest``.
 
     ``to="bittern"``: packed model directory (``layout``, float ``dtype`` default float16);
     ``to="hf"``: transformers checkpoint directory (``dtype`` default bfloat16, ``hf_linear_class``);
     ``to="gguf"``: a GGUF file (``weight_type`` TQ2_0/TQ1_0/F16; ``dtype`` float16 or float32 for embeddings).
-    A Hugging Face source is streamed tensor by tensor (peak memory about the largest tensor).
+    A Hugging Face source is streamed tensor by tensor (peak memory about the largest tensor). The output
+    appears only when it is complete; an existing ``dest`` is refused unless ``overwrite`` (then replaced
+    whole: no file of the old model stays beside the new one).
     """
     import tempfile
 
@@ -106,21 +109,28 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str = "bitte
     dest = Path(dest)
     if dest.resolve() == Path(source).expanduser().resolve():
         raise UsageError("destination and source are the same path")
+    check_output_path(dest, overwrite, "file" if to == "gguf" else "directory")
     path = Path(source).expanduser()
     if not path.exists() and looks_like_repo_id(str(source)):
         path = download(str(source), revision=revision)
     if detect_format(path) == "hf":
         # streamed: each tensor is read, converted and written in turn; the model is never built
-        model, tokenizer, fmt = hf_source(path), load_tokenizer_if_any(path), "hf"
+        model, tokenizer, fmt = hf_source(path), load_tokenizer_if_any(path, strict=True), "hf"
     else:
+        if detect_format(path) == "bittern":
+            load_tokenizer_if_any(path, strict=True)  # a damaged tokenizer stops the conversion, not dropped
         model, tokenizer, fmt = from_pretrained(path, dtype=None)
     with tempfile.TemporaryDirectory(prefix="bittern-tok-") as tmp:
         tok_dir = _tokenizer_dir(tokenizer, Path(tmp))
         if to == "bittern":
-            return save_packed_streaming(model, dest, layout=layout, dtype=dtype or "float16", tokenizer_dir=tok_dir,
-                                         meta={"converted_from": str(source), "source_format": fmt})
+            with fresh_output_dir(dest, overwrite) as out:
+                save_packed_streaming(model, out, layout=layout, dtype=dtype or "float16", tokenizer_dir=tok_dir,
+                                      meta={"converted_from": str(source), "source_format": fmt})
+            return dest
         if to == "hf":
-            return save_hf(model, dest, dtype=dtype or "bfloat16", linear_class=hf_linear_class, tokenizer_dir=tok_dir)
+            with fresh_output_dir(dest, overwrite) as out:
+                save_hf(model, out, dtype=dtype or "bfloat16", linear_class=hf_linear_class, tokenizer_dir=tok_dir)
+            return dest
         ftype = {None: "F16", "float16": "F16", "float32": "F32"}.get(dtype)
         if ftype is None:
             raise UsageError("for GGUF, --dtype is float16 or float32 (the embeddings' type)")

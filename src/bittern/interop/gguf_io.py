@@ -464,11 +464,15 @@ class GGUFFile:
         if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
             arr = gguf.quants.dequantize(np.asarray(t.data), qt) if qt == gguf.GGMLQuantizationType.BF16 else np.asarray(t.data)
             return np.asarray(arr, dtype=np.float32).reshape(shape), qt.name
-        if qt in (gguf.GGMLQuantizationType.TQ1_0, gguf.GGMLQuantizationType.TQ2_0):
-            raw = np.asarray(t.data, dtype=np.uint8)
-            return gguf.quants.dequantize(raw, qt).reshape(shape), qt.name
-        raise ModelFileError(f"{self.path}: tensor {name!r} has type {qt.name}; bittern reads TQ1_0, TQ2_0, F16, BF16 "
-                             "and F32 (re-quantise the file with llama-quantize)")
+        raw = np.asarray(t.data, dtype=np.uint8)
+        try:
+            # TQ1_0 / TQ2_0 exactly; other block types (llama-quantize writes the embedding and output of a
+            # TQ2_0 file as Q6_K) dequantised as llama.cpp does (the float tensors then hold those values)
+            return np.asarray(gguf.quants.dequantize(raw, qt), dtype=np.float32).reshape(shape), qt.name
+        except NotImplementedError:
+            raise ModelFileError(f"{self.path}: tensor {name!r} has type {qt.name}, which the gguf package cannot "
+                                 "dequantise; re-quantise the file with llama-quantize to TQ1_0/TQ2_0 weights and "
+                                 "F16 token_embd/output (--token-embedding-type f16 --output-tensor-type f16)") from None
 
 
 def _config_from_gguf(g: GGUFFile) -> ModelConfig:
@@ -489,15 +493,21 @@ def _config_from_fields(g: GGUFFile) -> ModelConfig:
             return ModelConfig.from_dict(json.loads(stored))
         except (TypeError, ValueError, json.JSONDecodeError) as e:
             raise ModelFileError(f"{g.path}: bittern.model_config is invalid ({e})") from None
+    def required(key: str) -> int:
+        value = g.field(key)
+        if value is None:
+            raise ModelFileError(f"{g.path}: metadata {key!r} is missing")
+        return int(value)
+
     try:
         emb = g.tensors["token_embd.weight"]
         vocab = int(emb.shape[1])
-        heads = int(g.field(f"{arch}.attention.head_count"))
+        heads = required(f"{arch}.attention.head_count")
         cfg = ModelConfig(
-            vocab_size=vocab, hidden_size=int(g.field(f"{arch}.embedding_length")),
-            num_layers=int(g.field(f"{arch}.block_count")), num_heads=heads,
+            vocab_size=vocab, hidden_size=required(f"{arch}.embedding_length"),
+            num_layers=required(f"{arch}.block_count"), num_heads=heads,
             num_kv_heads=int(g.field(f"{arch}.attention.head_count_kv", heads)),
-            intermediate_size=int(g.field(f"{arch}.feed_forward_length")),
+            intermediate_size=required(f"{arch}.feed_forward_length"),
             max_seq_len=int(g.field(f"{arch}.context_length", 2048)),
             rope_theta=float(g.field(f"{arch}.rope.freq_base", 10000.0)),
             norm_eps=float(g.field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -510,6 +520,8 @@ def _config_from_fields(g: GGUFFile) -> ModelConfig:
             cfg = cfg.replace(extra={"rope_scaling": scaling})
     except KeyError as e:
         raise ModelFileError(f"{g.path}: missing tensor {e.args[0]!r}") from None
+    except ModelFileError:
+        raise
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{g.path}: missing or invalid {arch} metadata ({e})") from None
     return cfg

@@ -86,7 +86,9 @@ def _quant_config(hf: dict[str, Any], where: str) -> dict[str, Any] | None:
     q = hf.get("quantization_config")
     if q is None:
         return None
-    if not isinstance(q, dict) or q.get("quant_method") != "bitnet":
+    if not isinstance(q, dict):
+        raise ModelFileError(f"{where}: quantization_config must be an object (got {q!r})")
+    if q.get("quant_method") != "bitnet":
         method = q.get("quant_method") if isinstance(q, dict) else q
         raise ModelFileError(f"{where}: quantization method {method!r} is not supported (only 'bitnet')")
     q = dict(q)
@@ -102,6 +104,18 @@ def _quant_config(hf: dict[str, Any], where: str) -> dict[str, Any] | None:
         raise ModelFileError(f"{where}: modules_to_not_convert {skip} would keep some linears in high precision; "
                              "bittern needs every block linear ternary")
     return q
+
+
+def _special_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    """The config's BOS / EOS token ids (an int, or a list of ints for EOS), kept for the way back to HF."""
+    out: dict[str, Any] = {}
+    for key in ("bos_token_id", "eos_token_id"):
+        value = hf.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+        elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            out[key] = list(value)
+    return out
 
 
 def hf_model_config(hf: dict[str, Any], where: str = "config.json", has_subnorms: bool | None = None) -> ModelConfig:
@@ -127,9 +141,12 @@ def hf_model_config(hf: dict[str, Any], where: str = "config.json", has_subnorms
             num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
             intermediate_size=int(hf["intermediate_size"]),
             max_seq_len=int(hf.get("max_position_embeddings", 2048)), rope_theta=theta,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)), activation=_ACTIVATIONS[act], subln=subln,
+            # transformers' defaults when the key is absent: BitNetConfig 1e-5, LlamaConfig 1e-6
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5 if model_type == "bitnet" else 1e-6)),
+            activation=_ACTIVATIONS[act], subln=subln,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), linear="bitnet",
-            name=str(hf.get("_name_or_path") or model_type), extra={"hf_model_type": model_type},
+            name=str(hf.get("_name_or_path") or model_type),
+            extra={"hf_model_type": model_type, **_special_ids(hf)},
         )
     except KeyError as e:
         raise ModelFileError(f"{where}: missing key {e.args[0]!r}") from None
@@ -331,10 +348,10 @@ def hf_config_of(config: ModelConfig, dtype: str, linear_class: str = "bitlinear
     scaling = check_rope_scaling(config.extra.get("rope_scaling"))
     if scaling is not None:
         cfg["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
-    if bos_id is not None:
-        cfg["bos_token_id"] = bos_id
-    if eos_id is not None:
-        cfg["eos_token_id"] = eos_id
+    # written even when unknown (null): transformers' defaults (128000 / 128001 for bitnet) may lie
+    # outside a smaller vocabulary
+    cfg["bos_token_id"] = bos_id if bos_id is not None else config.extra.get("bos_token_id")
+    cfg["eos_token_id"] = eos_id if eos_id is not None else config.extra.get("eos_token_id")
     return cfg
 
 
@@ -399,22 +416,29 @@ def save_hf(model: Transformer | TensorSource, directory: str | os.PathLike, dty
     return directory
 
 
-def load_tokenizer_if_any(directory: str | os.PathLike):
+def load_tokenizer_if_any(directory: str | os.PathLike, strict: bool = False):
     """The :class:`~bittern.tokenizer.Tokenizer` in ``directory`` (tokenizer.json, else a SentencePiece
-    tokenizer.model converted with transformers), or None."""
+    tokenizer.model converted with transformers), or None. A tokenizer file that cannot be read is a
+    warning (the model is still usable), or with ``strict`` an error (a conversion would drop it)."""
     directory = Path(directory)
+
+    def broken(what: str, e: Exception) -> None:
+        if strict:
+            raise ModelFileError(f"{directory}: {what} cannot be read ({e}); fix or remove it") from None
+        warnings.warn(f"{directory}: {what} not loaded ({e})")
+
     if not (directory / "tokenizer.json").is_file():
         if (directory / "tokenizer.model").is_file():
             from .spm import sentencepiece_tokenizer
             try:
                 return sentencepiece_tokenizer(directory)
             except Exception as e:  # a broken tokenizer should not hide the model
-                warnings.warn(f"{directory}: SentencePiece tokenizer not loaded ({e})")
+                broken("SentencePiece tokenizer", e)
                 return None
         return None
     from ..tokenizer import load_tokenizer
     try:
         return load_tokenizer(directory)
     except Exception as e:  # a broken tokenizer should not hide the model
-        warnings.warn(f"{directory}: tokenizer not loaded ({e})")
+        broken("tokenizer", e)
         return None
