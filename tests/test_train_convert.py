@@ -106,3 +106,42 @@ def test_default_model_path():
         assert (p / "config.json").is_file() and (p / "tokenizer.json").is_file()
         model = load_packed(p)
         assert model.config.linear == "bitnet" and model.is_packed
+
+
+def test_transformers5_rope_parameters_are_honoured(tmp_path):
+    """transformers 5 writes ``rope_parameters`` (theta and scaling) instead of top-level rope_theta / rope_scaling."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rope_parameters=dict(rope))
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    written = json.loads((tmp_path / "config.json").read_text())
+    if "rope_parameters" not in written or "rope_theta" in written:
+        pytest.skip("this transformers writes the old rope_theta / rope_scaling keys")
+    config, state = load_llama_checkpoint(tmp_path, linear="fp")
+    assert config.rope_theta == 500000.0
+    assert config.extra["rope_scaling"]["rope_type"] == "llama3" and config.extra["rope_scaling"]["factor"] == 8.0
+    ours = Transformer(config)
+    ours.load_state_dict(state)
+    x = torch.randint(0, 128, (1, 96))  # past original_max_position_embeddings, where the scaling matters
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_llama_config_defaults_match_transformers():
+    from bittern.train.hf_llama import llama_model_config
+
+    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "intermediate_size": 64}
+    config = llama_model_config(hf)
+    assert config.norm_eps == transformers.LlamaConfig().rms_norm_eps == 1e-6
+    assert config.rope_theta == 10000.0 and "rope_scaling" not in config.extra
+    theta_only = llama_model_config({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    assert theta_only.rope_theta == 1e6 and "rope_scaling" not in theta_only.extra
+    from bittern.errors import UsageError
+
+    with pytest.raises(UsageError, match="rope scaling type 'yarn' is not supported"):
+        llama_model_config({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,3 +123,76 @@ def test_init_from_a_bittern_run_continues_from_its_weights(shards, tmp_path):
         (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
         (tmp_path / "empty" / "model_config.json").write_text((first / "model_config.json").read_text())
         build_model(TrainConfig(**_overrides(shards, tmp_path / "third", init_from=str(tmp_path / "empty"))))
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(shards, tmp_path, capsys):
+    run = tmp_path / "done"
+    first = train(TrainConfig(**_overrides(shards, run, steps=4, eval_every=2)))
+    saved, metrics = (run / "summary.json").read_bytes(), (run / "metrics.jsonl").read_bytes()
+    assert first["val_loss"] > 0 and first["tokens_per_s"] > 0
+    capsys.readouterr()
+    again = train(TrainConfig(**_overrides(shards, run, steps=4, eval_every=2)))
+    assert "already finished at step 4" in capsys.readouterr().out
+    assert again == json.loads(saved)
+    assert (run / "summary.json").read_bytes() == saved and (run / "metrics.jsonl").read_bytes() == metrics
+    # killed after the last checkpoint but before the summary: the summary is rebuilt with a fresh evaluation
+    (run / "summary.json").unlink()
+    rebuilt = train(TrainConfig(**_overrides(shards, run, steps=4, eval_every=2)))
+    assert rebuilt["steps"] == 4 and rebuilt["val_loss"] == pytest.approx(first["val_loss"], rel=1e-5)
+    assert rebuilt["tokens_per_s"] is None and json.loads((run / "summary.json").read_text())["val_loss"] == rebuilt["val_loss"]
+
+
+def test_stale_temporary_checkpoints_are_removed_at_start(shards, tmp_path):
+    from bittern.train.checkpoint import remove_stale_temp_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "stale"
+    root = run / "checkpoints"
+    orphan = root / f".tmp-step_00000004-{dead.pid}"
+    live = root / f".tmp-step_00000004-{os.getppid()}"  # a running process (pytest's parent) may still be saving
+    other = root / ".tmp-notes"
+    for d in (orphan, live, other):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"partial")
+    train(TrainConfig(**_overrides(shards, run, steps=4)))
+    assert not orphan.exists() and live.is_dir() and other.is_dir()
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000004"]
+    mine = root / f".tmp-step_00000008-{os.getpid()}"
+    mine.mkdir()
+    assert remove_stale_temp_dirs(run) == [mine] and not mine.exists()
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000004"] and live.is_dir()
+
+
+def test_resume_with_another_model_shape_is_a_clear_error(shards, tmp_path):
+    from bittern.errors import UsageError
+
+    run = tmp_path / "shape"
+    train(TrainConfig(**_overrides(shards, run, steps=4)))
+    wider = {"name": "tiny-2b4t", "hidden_size": 128}
+    with pytest.raises(UsageError, match=r"started with a different model config \(hidden_size 64 then, 128 now\)"):
+        train(TrainConfig(**_overrides(shards, run, steps=8, model=wider)))
+    assert latest_checkpoint(run).name == "step_00000004"
+
+
+def test_damaged_checkpoint_file_is_a_clear_error(shards, tmp_path):
+    from bittern.errors import UsageError
+
+    run = tmp_path / "damaged"
+    train(TrainConfig(**_overrides(shards, run, steps=4, save_every=2)))
+    bad = latest_checkpoint(run)
+    optim = bad / "optimizer.pt"
+    optim.write_bytes(optim.read_bytes()[:2000])  # truncated, as by a full disk
+    damaged = rf"{re.escape(str(optim))}: the checkpoint is damaged.*remove {re.escape(str(bad))} to resume from the previous"
+    with pytest.raises(UsageError, match=damaged):
+        train(TrainConfig(**_overrides(shards, run, steps=6, save_every=2)))
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(UsageError, match=rf"{re.escape(str(weights))}: the checkpoint is damaged"):
+        load_model_weights(bad)
+    import shutil
+
+    shutil.rmtree(bad)  # as the message suggests: resume from step 2
+    summary = train(TrainConfig(**_overrides(shards, run, steps=6, save_every=2)))
+    assert summary["steps"] == 6
+    assert [s for s, _ in _train_losses(run)] == list(range(1, 7))

@@ -75,3 +75,36 @@ def test_config_file_and_overrides(tmp_path):
         load_train_config(f, ["steps"])
     with pytest.raises(UsageError, match="no such config file"):
         load_train_config(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=1.5", "steps must be an integer, got 1.5"),
+    ("steps=true", "steps must be an integer, got true"),
+    ("lr=nan", 'lr must be a finite number, got "nan"'),
+    ("lr=NaN", "lr must be a finite number, got nan"),
+    ("lr=-1e-3", "lr must be > 0"),
+    ("warmup=abc", 'warmup must be an integer, got "abc"'),
+    ("quant_ramp_steps=abc", 'quant_ramp_steps must be an integer, got "abc"'),
+    ("betas=abc", r'betas must be a pair of numbers in \[0, 1\).*got "abc"'),
+    ("betas=[0.9]", r"betas must be a pair .*got \[0.9\]"),
+    ("betas=[0.9,1.0]", r"betas must be a pair .*got \[0.9, 1.0\]"),
+    ("eval_windows=0", "eval_windows must be positive, got 0"),
+    ("weight_decay=Infinity", "weight_decay must be a finite number"),
+    ("final_lr_ratio=2", "final_lr_ratio must be >= 0 and <= 1, got 2"),
+    ("stage2_ratio=0", "stage2_ratio must be > 0 and <= 1, got 0"),
+    ("progress=no", 'progress must be true or false, got "no"'),
+    ("model=5", "model must be a named config"),
+    ("model.num_heads=3", "bad model section .*not divisible by num_heads 3"),
+])
+def test_config_fields_are_type_and_range_checked(tmp_path, override, message):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"data": "d", "model": {"name": "tiny"}, "steps": 5}))
+    with pytest.raises(UsageError, match=message):
+        load_train_config(f, [override])
+
+
+def test_finetune_checks_steps_before_using_them(tmp_path):
+    from bittern.train.convert import finetune_ternary
+
+    with pytest.raises(UsageError, match='steps must be an integer, got "abc"'):
+        finetune_ternary(tmp_path / "hf", tmp_path / "data", tmp_path / "out", overrides=["steps=abc"])

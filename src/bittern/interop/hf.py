@@ -156,7 +156,7 @@ def hf_model_config(hf: dict[str, Any], where: str = "config.json", has_subnorms
         raise ModelFileError(f"{where}: invalid config ({e})") from None
 
 
-def _rope_scaling(hf: dict[str, Any], where: str = HF_CONFIG) -> dict[str, Any] | None:
+def hf_rope_scaling(hf: dict[str, Any], where: str = HF_CONFIG) -> dict[str, Any] | None:
     """The config's RoPE scaling (``rope_scaling``, or transformers 5's ``rope_parameters``), checked; None
     for plain RoPE."""
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
@@ -269,7 +269,7 @@ def _float_getter(src: CheckpointTensors, streaming: bool = False):
 
 def _prepare(directory: Path) -> tuple[CheckpointTensors, ModelConfig, dict[str, Any] | None]:
     hf, src, cfg, quant = _inspect(directory)
-    scaling = _rope_scaling(hf, str(directory / HF_CONFIG))
+    scaling = hf_rope_scaling(hf, str(directory / HF_CONFIG))
     if scaling:
         cfg = cfg.replace(extra={**cfg.extra, "rope_scaling": scaling})
     if quant is not None and quant["quantization_mode"] == "online":

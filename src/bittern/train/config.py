@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,8 @@ class TrainConfig:
     sleep_per_step: float = 0.0           # testing aid: slow each step down (for kill/resume tests)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
         if isinstance(self.model, str):
             self.model = {"name": self.model}
 
@@ -71,12 +73,13 @@ class TrainConfig:
         if self.init_from:
             from .hf_llama import llama_model_config
 
-            hf = read_config_file(Path(self.init_from) / "config.json")
-            return llama_model_config(hf, linear=spec.get("linear", "bitnet"), name=Path(self.init_from).name)
+            path = Path(self.init_from) / "config.json"
+            return llama_model_config(read_config_file(path), linear=spec.get("linear", "bitnet"),
+                                      name=Path(self.init_from).name, where=str(path))
         name = spec.pop("name", None)
         try:
             return get_config(name, **spec) if name else ModelConfig.from_dict(spec)
-        except TypeError as e:
+        except (TypeError, ValueError, ZeroDivisionError) as e:  # ZeroDivisionError: e.g. num_heads=0
             raise UsageError(f"bad model section {self.model!r}: {e}") from None
 
     @property
@@ -96,16 +99,31 @@ class TrainConfig:
         return self.wd_schedule if self.wd_schedule != "auto" else ("two-stage" if self.is_bitnet else "constant")
 
     def validate(self) -> "TrainConfig":
-        """Check values; raises :class:`UsageError` naming the bad field."""
-        self.model_config()
-        for name in ("seq_len", "batch_size", "steps"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "warmup", "eval_every", "save_every", "keep_last", "log_every", "quant_ramp_steps"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.peak_lr <= 0:
-            raise UsageError(f"lr must be positive, got {self.peak_lr}")
+        """Check the types and ranges of all fields; raises :class:`UsageError` naming the bad field."""
+        for name in ("seq_len", "batch_size", "steps", "eval_windows"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("micro_batch_size", "warmup", "eval_every", "save_every", "keep_last", "log_every",
+                     "quant_ramp_steps", "seed", "num_threads"):
+            _check_int(name, getattr(self, name), 0)
+        if self.lr is not None:
+            _check_float("lr", self.lr, 0.0, positive=True)
+        _check_float("stage2_ratio", self.stage2_ratio, 0.0, 1.0, positive=True)
+        _check_float("final_lr_ratio", self.final_lr_ratio, 0.0, 1.0)
+        for name in ("weight_decay", "grad_clip", "max_seconds", "sleep_per_step"):
+            _check_float(name, getattr(self, name), 0.0)
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+            raise UsageError(f"betas must be a pair of numbers in [0, 1), e.g. [0.9, 0.95], got {_show(betas)}")
+        for name in ("activation_checkpointing", "progress", "plot"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {_show(getattr(self, name))}")
+        for name in ("data", "out_dir", "precision", "distributed", "lr_schedule", "wd_schedule"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"{name} must be a string, got {_show(getattr(self, name))}")
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            raise UsageError(f"init_from must be a directory path, got {_show(self.init_from)}")
+        if not isinstance(self.model, dict):
+            raise UsageError(f"model must be a named config or an object of model fields, got {_show(self.model)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UsageError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
@@ -114,8 +132,9 @@ class TrainConfig:
             raise UsageError(f"lr_schedule must be auto, bitnet, cosine or constant, got {self.lr_schedule!r}")
         if self.wd_schedule not in ("auto", "two-stage", "constant"):
             raise UsageError(f"wd_schedule must be auto, two-stage or constant, got {self.wd_schedule!r}")
-        if self.seq_len > self.model_config().max_seq_len:
-            raise UsageError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_config().max_seq_len}")
+        model = self.model_config()
+        if self.seq_len > model.max_seq_len:
+            raise UsageError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {model.max_seq_len}")
         if not self.data:
             raise UsageError("no training data: set data=SHARD_DIR (made by `bittern data prepare`)")
         return self
@@ -132,6 +151,31 @@ class TrainConfig:
         if unknown:
             raise UsageError(f"unknown training config keys: {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value) if isinstance(value, (str, bool, list, dict)) or value is None else repr(value)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{name} must be an integer, got {_show(value)}")
+    if value < minimum:
+        raise UsageError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float | None = None, positive: bool = False) -> None:
+    if not _is_real(value):
+        raise UsageError(f"{name} must be a finite number, got {_show(value)}")
+    if value < low or (positive and value == low) or (high is not None and value > high):
+        bound = f"> {low:g}" if positive else f">= {low:g}"
+        raise UsageError(f"{name} must be {bound}{f' and <= {high:g}' if high is not None else ''}, got {value!r}")
 
 
 def _parse_value(text: str) -> Any:

@@ -29,10 +29,10 @@ def finetune_ternary(hf_dir: str | os.PathLike, data: str | os.PathLike, out_dir
     if config_file:
         base.update(read_config_file(config_file))
     base.update({"init_from": str(hf_dir), "data": str(data), "out_dir": str(out_dir), "model": {"linear": "bitnet"}})
-    d = apply_overrides(base, overrides or [])
-    if ramp_steps is None and not d.get("quant_ramp_steps"):
-        ramp_steps = max(1, int(d["steps"]) // 4)
+    cfg = TrainConfig.from_dict(apply_overrides(base, overrides or [])).validate()
+    if ramp_steps is None and not cfg.quant_ramp_steps:
+        ramp_steps = max(1, cfg.steps // 4)
     if ramp_steps is not None:
-        d["quant_ramp_steps"] = ramp_steps
-    cfg = TrainConfig.from_dict(d).validate()
+        cfg.quant_ramp_steps = ramp_steps
+        cfg.validate()
     return train(cfg, resume=resume)

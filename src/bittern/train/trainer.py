@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import ModelConfig
 from ..errors import UsageError
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
@@ -121,6 +122,32 @@ def _model_state_for_save(state: dict[str, torch.Tensor], tied: bool) -> dict[st
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
+def _check_same_model(run_dir: Path, saved: dict[str, Any] | None, mcfg: ModelConfig) -> None:
+    """UsageError naming the fields when the checkpoint's model config differs from the one asked for now."""
+    if not saved:
+        return
+    try:
+        saved = ModelConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass
+    now = mcfg.to_dict()
+    ignore = ("name", "max_seq_len")  # neither changes the weights
+    diffs = [f"{k} {saved.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+             if k not in ignore and saved.get(k) != now.get(k)]
+    if diffs:
+        raise UsageError(f"{run_dir}: the run was started with a different model config ({'; '.join(diffs)}); use the "
+                         "same model settings to resume, another out_dir, or start over with --no-resume")
+
+
+def _finished_summary(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The run's ``summary.json`` when it describes the run at ``step``, else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> dict[str, Any]:
     """Run (or continue) the training run described by ``cfg``; returns the summary it writes."""
     cfg.validate()
@@ -166,18 +193,35 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:
     eval_model = wrapped if env.mode == "fsdp" else model
 
     # ---- resume
+    if env.is_main:
+        removed = ckpt.remove_stale_temp_dirs(run_dir)
+        if removed:
+            print(f"removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
+                  f"{', '.join(p.name for p in removed)}", flush=True)
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         model_state, optim_state, state = ckpt.load_checkpoint(latest)
+        _check_same_model(run_dir, state.get("model_config"), mcfg)
         if mcfg.tie_embeddings:
             model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
         rng = optim_state.pop("__rng__", None)
-        load_full_state(wrapped, optimizer, model_state, optim_state, env)
+        try:
+            load_full_state(wrapped, optimizer, model_state, optim_state, env)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UsageError(f"{latest}: the checkpoint does not fit the model and optimizer ({ckpt.short_reason(e)}); "
+                             "remove it to resume from the previous checkpoint, or start over with --no-resume") from None
         loader.load_state_dict(state["loader"])
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state.get("elapsed", 0.0)
         if rng is not None:
             torch.set_rng_state(rng["cpu"])
+        if start_step >= cfg.steps:
+            done = _finished_summary(run_dir, start_step)
+            if done is not None:  # nothing to train: keep the run's summary (and its last evaluation) as it is
+                if env.is_main:
+                    print(f"{run_dir}: already finished at step {start_step} (steps={cfg.steps}); nothing to do. Raise "
+                          "steps to train on, or start over with --no-resume", flush=True)
+                return done
         if env.is_main:
             print(f"resuming from {latest} (step {start_step})", flush=True)
     if env.is_main:
@@ -285,10 +329,12 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     wall = elapsed_before + time.perf_counter() - t0
-    if last_eval is None and val is not None and step > start_step:
+    if last_eval is None and val is not None:  # no step ran here (resumed at the end without a summary)
         last_eval = run_eval(step)
+    trained = step - start_step
     summary = {"steps": step, "planned_steps": cfg.steps, "stopped_early": stopped_early, "tokens": tokens_seen,
-               "wall_seconds": wall, "tokens_per_s": (step - start_step) * tokens_per_step / max(1e-9, time.perf_counter() - t0),
+               "wall_seconds": wall,
+               "tokens_per_s": trained * tokens_per_step / max(1e-9, time.perf_counter() - t0) if trained else None,
                "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(include_embeddings=False),
                "linear": mcfg.linear, "model": mcfg.to_dict(), "world_size": env.world, "distributed": env.mode}
     if last_eval is not None:
