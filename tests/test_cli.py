@@ -35,3 +35,26 @@ def test_bad_arguments_give_one_line_errors(capsys):
 def test_module_entry_point_prints_help():
     proc = subprocess.run([sys.executable, "-m", "bittern", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_missing_server_extra_and_unavailable_backend_are_one_line_errors(monkeypatch, capsys) -> None:
+    import sys
+
+    from bittern.cli import main
+
+    for name in [m for m in sys.modules if m == "bittern.serve" or m.startswith("bittern.serve.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if `pip install bittern` without [serve]
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'bittern[serve]'" in err and len(err.strip().splitlines()) == 1
+    from bittern import kernels
+
+    if "triton" in kernels.available_backends():
+        return
+    env = {**__import__("os").environ, "BITTERN_BACKEND": "triton"}  # read when the package is imported
+    r = subprocess.run([sys.executable, "-m", "bittern", "generate", "ROMEO:", "--max-tokens", "2"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "kernel backend 'triton' is not available" in r.stderr and "NVIDIA GPU" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -71,3 +71,16 @@ def test_convert_refuses_an_existing_output_and_replaces_it_whole_when_asked(pac
     (bad / "config.json").write_text('{"format": "bittern-packed", "format_version": 999}')
     assert main(["convert", str(bad), str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+
+
+def test_an_output_that_holds_the_input_is_refused_even_with_overwrite(packed, tmp_path) -> None:
+    import shutil
+
+    parent = tmp_path / "p"
+    shutil.copytree(packed, parent / "m")
+    (parent / "other.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="holds the input"):
+        convert(parent / "m", parent, overwrite=True)
+    assert (parent / "m" / "model.safetensors").is_file() and (parent / "other.txt").read_text() == "keep me"
+    out = convert(packed, tmp_path / "x.gguf", weight_type="F16")  # the format follows the name, as in the CLI
+    assert out.is_file() and out.read_bytes()[:4] == b"GGUF"

@@ -89,3 +89,59 @@ def test_loader_is_deterministic_resumable_and_rank_split(tmp_path, tok):
     (tmp_path / "s" / meta["splits"]["train"]["files"][0]["bin"]).write_bytes(b"12")
     with pytest.raises(UsageError, match="expected .* tokens"):
         load_split(tmp_path / "s", "train")
+
+
+def test_cli_data_and_tokenizer_outputs_are_checked_first_and_written_whole(tmp_path, tok, capsys) -> None:
+    """`data prepare` and `tokenizer train` refuse a non-empty --out (no stale shard beside new ones)
+    unless --overwrite replaces it whole; bad numbers, empty inputs and undecodable JSONL lines are
+    one-line errors naming what is wrong; a demo checks its layout and --out before training."""
+    from bittern.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(DOCS))
+    tok_dir = tmp_path / "tok"
+    assert main(["tokenizer", "train", str(corpus), "--out", str(tok_dir), "--vocab-size", "300"]) == 0
+    shards = tmp_path / "shards"
+    base = ["data", "prepare", str(corpus), "--tokenizer", str(tok_dir), "--out", str(shards)]
+    assert main(base + ["--split", "tail", "--val-fraction", "0.2"]) == 0
+    assert any(p.name.startswith("val_") for p in shards.iterdir())
+    assert main(base + ["--val-fraction", "0"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(base + ["--val-fraction", "0", "--overwrite"]) == 0
+    assert not any(p.name.startswith("val_") for p in shards.iterdir())  # the earlier run's validation shard is gone
+    cases = [
+        (["tokenizer", "train", str(corpus), "--out", str(tmp_path / "t1"), "--vocab-size", "-5"], "--vocab-size must be at least 257"),
+        (["tokenizer", "train", str(corpus), "--out", str(tmp_path / "t1"), "--min-frequency", "0"], "--min-frequency"),
+        (["tokenizer", "train", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t1")], "no text"),
+        (["data", "prepare", str(tmp_path / "empty.txt"), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "s1")], "no training tokens"),
+        (["data", "prepare", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "s1")], "bad.jsonl:2: not UTF-8"),
+        (["demo", "--layout", "bogus", "--out", str(tmp_path / "d1")], "unknown packed layout"),
+        (["demo", "--out", str(shards)], "earlier demo did not write"),
+    ]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n\xff\xfe\n')
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "s1").exists() and not (tmp_path / "d1").exists()
+    jsonl = tmp_path / "f.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
+    assert main(["tokenizer", "train", str(jsonl), "--out", str(tmp_path / "t2"), "--vocab-size", "300", "--text-field", "body"]) == 0
+
+
+def test_packed_model_files_get_the_usual_permissions(tmp_path) -> None:
+    import os
+
+    import torch
+
+    from bittern.configs import get_config
+    from bittern.model import Transformer
+    from bittern.modelfile import save_packed
+
+    torch.manual_seed(0)
+    save_packed(Transformer(get_config("tiny")).freeze(), tmp_path / "m")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "m").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # not mkstemp's (or save_file's) 0600

@@ -137,9 +137,11 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         write(Path(tmp))
+        # mkstemp creates 0600, and some writers (safetensors' save_file) recreate the file 0600 too:
+        # give the result the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

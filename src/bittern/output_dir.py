@@ -17,10 +17,16 @@ from pathlib import Path
 from .errors import UsageError
 
 
-def check_output_path(dest: Path, overwrite: bool, kind: str = "directory", protect: Iterable[Path] = ()) -> None:
-    """Refuse ``dest`` when it is inside one of ``protect``, is the wrong kind of thing (a file where a
-    directory goes, or the reverse), or already holds something and ``overwrite`` is false."""
+def check_output_path(dest: Path, overwrite: bool, kind: str = "directory", protect: Iterable[Path] = (),
+                      sources: Iterable[Path] = ()) -> None:
+    """Refuse ``dest`` when it is inside one of ``protect``, holds one of ``sources`` (replacing it would
+    delete them), is the wrong kind of thing (a file where a directory goes, or the reverse), or already
+    holds something and ``overwrite`` is false."""
     resolved = dest.expanduser().resolve()
+    for s in sources:
+        s = Path(s).expanduser().resolve()
+        if s == resolved or resolved in s.parents:
+            raise UsageError(f"{dest} holds the input {s}; write the output somewhere else")
     for p in protect:
         p = Path(p).expanduser().resolve()
         if resolved == p or p in resolved.parents:
@@ -37,10 +43,12 @@ def check_output_path(dest: Path, overwrite: bool, kind: str = "directory", prot
 
 
 @contextmanager
-def fresh_output_dir(dest: str | os.PathLike, overwrite: bool = False, protect: Iterable[Path] = ()) -> Iterator[Path]:
-    """A temporary directory to write into that becomes ``dest`` when the block ends without error."""
+def fresh_output_dir(dest: str | os.PathLike, overwrite: bool = False, protect: Iterable[Path] = (),
+                     sources: Iterable[Path] = ()) -> Iterator[Path]:
+    """A temporary directory to write into that becomes ``dest`` when the block ends without error
+    (checked first with :func:`check_output_path`)."""
     dest = Path(dest)
-    check_output_path(dest, overwrite, "directory", protect)
+    check_output_path(dest, overwrite, "directory", protect, sources)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

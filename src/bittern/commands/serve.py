@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..serve import ServeConfig, build_app, default_model_path, run_server
+    try:
+        from ..serve import ServeConfig, build_app, default_model_path, run_server
+    except ImportError as e:  # the server's extra is not installed
+        from ..errors import UsageError
+
+        raise UsageError(f"the server needs FastAPI and uvicorn ({e}): pip install 'bittern[serve]'") from None
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535 (got {args.port})")

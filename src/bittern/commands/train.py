@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validation by whole documents, or by the contiguous tail of every document")
     q.add_argument("--train-only", nargs="*", default=[], help="files used only for training (never in validation)")
     q.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     q.set_defaults(handler=run_prepare)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -30,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--vocab-size", type=int, default=8192)
     q.add_argument("--min-frequency", type=int, default=2)
     q.add_argument("--out", required=True, help="output directory (tokenizer.json is written there)")
+    q.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     q.set_defaults(handler=run_tokenizer_train)
 
     p = sub.add_parser("train", help="train a BitNet b1.58 or FP model (also under torchrun for DDP / FSDP)")
@@ -57,16 +60,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_pack)
 
 
+#: the smallest byte-level BPE vocabulary: 256 byte tokens and the end-of-text token
+MIN_VOCAB = 257
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..tokenizer import load_tokenizer
     from ..train.data import prepare_shards
 
+    from ..output_dir import fresh_output_dir
+
     tok_file = Path(args.tokenizer)
     tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
-    meta = prepare_shards(args.inputs, load_tokenizer(args.tokenizer), args.out, val_fraction=args.val_fraction,
-                          split=args.split, train_only=args.train_only, text_field=args.text_field, tokenizer_file=tok_file)
+    tokenizer = load_tokenizer(args.tokenizer)
+    # written whole or not at all: no shard of an earlier run stays beside the new ones
+    with fresh_output_dir(args.out, args.overwrite, sources=[Path(p) for p in args.inputs] + [tok_file]) as out:
+        meta = prepare_shards(args.inputs, tokenizer, out, val_fraction=args.val_fraction, split=args.split,
+                              train_only=args.train_only, text_field=args.text_field, tokenizer_file=tok_file)
     s = meta["splits"]
     print(f"{args.out}: train {s['train']['tokens']:,} tokens ({s['train']['documents']} documents), "
           f"val {s['val']['tokens']:,} tokens ({s['val']['documents']} documents), {meta['dtype']}")
@@ -77,10 +89,27 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     from ..tokenizer import train_bpe
     from ..train.data import iter_documents, list_inputs
 
-    texts = (text for _, text in iter_documents(list_inputs(args.inputs)))
-    tok = train_bpe(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    path = tok.save(args.out)
-    print(f"{path}: {tok.vocab_size} tokens")
+    from ..output_dir import fresh_output_dir
+
+    if args.vocab_size < MIN_VOCAB:
+        raise UsageError(f"--vocab-size must be at least {MIN_VOCAB} (256 byte tokens and the end-of-text token); "
+                         f"got {args.vocab_size}")
+    if args.min_frequency < 1:
+        raise UsageError(f"--min-frequency must be at least 1 (got {args.min_frequency})")
+    files = list_inputs(args.inputs)
+    seen = [False]
+
+    def texts():  # streamed (a corpus may not fit in memory); notes whether any text came
+        for _, text in iter_documents(files, args.text_field):
+            seen[0] = seen[0] or bool(text.strip())
+            yield text
+
+    tok = train_bpe(texts(), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    if not seen[0]:
+        raise UsageError("the inputs hold no text to learn a tokenizer from")
+    with fresh_output_dir(args.out, args.overwrite, sources=files) as out:
+        tok.save(out)
+    print(f"{Path(args.out) / 'tokenizer.json'}: {tok.vocab_size} tokens")
     return 0
 
 
@@ -114,7 +143,7 @@ def run_pack(args: argparse.Namespace) -> int:
     # never into the run's checkpoints (that would replace one), nor into the run directory itself
     if Path(args.out_dir).expanduser().resolve() == run.expanduser().resolve():
         raise UsageError(f"{args.out_dir}: the run directory itself; choose another output")
-    with fresh_output_dir(args.out_dir, args.overwrite, protect=[run / "checkpoints"]) as out:
+    with fresh_output_dir(args.out_dir, args.overwrite, protect=[run / "checkpoints"], sources=[run]) as out:
         pack_run(args.run_dir, out, layout=args.layout, checkpoint=args.checkpoint)
     print(f"packed model written to {args.out_dir}")
     return 0

@@ -90,11 +90,12 @@ def _tokenizer_dir(tokenizer: object | None, tmp: Path) -> Path | None:
     return tmp
 
 
-def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str = "bittern", layout: str = "2bit",
+def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str | None = None, layout: str = "2bit",
             weight_type: str = "TQ2_0", dtype: str | None = None, hf_linear_class: str = "bitlinear",
             revision: str | None = None, overwrite: bool = False) -> Path:
     """Convert ``source`` (anything :func:`from_pretrained` opens) to ``to`` at ``dest``.
 
+    ``to``: None means ``"gguf"`` when ``dest`` ends in ``.gguf``, else ``"bittern"``.
     ``to="bittern"``: packed model directory (``layout``, float ``dtype`` default float16);
     ``to="hf"``: transformers checkpoint directory (``dtype`` default bfloat16, ``hf_linear_class``);
     ``to="gguf"``: a GGUF file (``weight_type`` TQ2_0/TQ1_0/F16; ``dtype`` float16 or float32 for embeddings).
@@ -104,12 +105,15 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str = "bitte
     """
     import tempfile
 
+    if to is None:
+        to = "gguf" if str(dest).endswith(".gguf") else "bittern"
     if to not in TARGETS:
         raise UsageError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
     dest = Path(dest)
     if dest.resolve() == Path(source).expanduser().resolve():
         raise UsageError("destination and source are the same path")
-    check_output_path(dest, overwrite, "file" if to == "gguf" else "directory")
+    local = [Path(source).expanduser()] if Path(source).expanduser().exists() else []
+    check_output_path(dest, overwrite, "file" if to == "gguf" else "directory", sources=local)
     path = Path(source).expanduser()
     if not path.exists() and looks_like_repo_id(str(source)):
         path = download(str(source), revision=revision)

@@ -28,7 +28,8 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | os.Path
     except ImportError:
         raise UsageError("downloading from the Hugging Face Hub needs huggingface_hub: pip install huggingface_hub") from None
     hint = (f"{repo_id!r} is not a local path and could not be downloaded. On a machine with network access run "
-            f"`huggingface-cli download {repo_id} --include '*.safetensors' '*.json' 'tokenizer*'` "
+            f"`hf download {repo_id} --include '*.safetensors' --include '*.json' --include 'tokenizer*' "
+            f"--local-dir DIR` "
             f"(or `bittern convert {repo_id} OUT_DIR`) and pass the downloaded directory instead")
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:

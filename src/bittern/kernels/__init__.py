@@ -70,7 +70,9 @@ def get_backend(name: str | None = None, device: torch.device | str | None = Non
             raise ValueError(f"unknown kernel backend {name!r}; known: {sorted(_BACKENDS)}")
         backend = _BACKENDS[name]
         if not backend.available():
-            raise RuntimeError(f"kernel backend {name!r} is not available on this machine")
+            raise ValueError(f"kernel backend {name!r} is not available on this machine"
+                             + (" (it needs an NVIDIA GPU and triton)" if name == "triton" else "")
+                             + f"; available: {available_backends()}")
         return backend
     is_cuda = device is not None and torch.device(device).type == "cuda"
     for candidate in _AUTO_ORDER:

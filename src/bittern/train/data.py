@@ -58,8 +58,12 @@ def iter_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[
     """``(name, text)`` of every document in the files (JSONL: one per line, its ``text_field``)."""
     for f in files:
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh, 1):
+            with open(f, "rb") as fh:
+                for i, raw in enumerate(fh, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise UsageError(f"{f}:{i}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
                     if not line.strip():
                         continue
                     try:
@@ -159,6 +163,8 @@ def prepare_shards(inputs: Iterable[str | os.PathLike], tokenizer: Tokenizer, ou
     n_doc = 0
     for f in files:
         for _, text in iter_documents([f], text_field):
+            if not text:  # an empty file or record adds nothing (not even a document separator)
+                continue
             ids = np.append(encode_document(tokenizer, text), eos)
             if f.resolve() in only_train or val_fraction == 0:
                 train.add(ids)
