@@ -35,10 +35,12 @@ def test_small_run_writes_rows_and_compares_with_llama_cpp(tmp_path, monkeypatch
     monkeypatch.setattr(bk, "llama_cpp_prompt_rate", fake_llama)
     lines: list[str] = []
     out = tmp_path / "k.json"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # only its existence is checked: the llama.cpp run is faked
     rep = bk.run_kernel_bench(models=["mini"], threads=[2], formats=["2bit-r4", "1.67bit-lut"], gemm_tokens=8, reps=1,
                               min_bytes=2e5, with_torch=False, json_path=str(out), log=lines.append,
-                              llama_cpp="m.gguf")
-    assert calls == [("m.gguf", 2, 8), ("m.gguf", 2, 8)]  # before and after the shapes
+                              llama_cpp=str(gguf))
+    assert calls == [(str(gguf), 2, 8), (str(gguf), 2, 8)]  # before and after the shapes
     assert json.loads(out.read_text()) == json.loads(json.dumps(rep))
     rows = rep["results"]
     assert {(r["layer"], r["format"]) for r in rows} == {(layer, f) for layer in ("q/o", "k/v", "gate/up", "down")
@@ -55,7 +57,9 @@ def test_small_run_writes_rows_and_compares_with_llama_cpp(tmp_path, monkeypatch
         assert c["ratio"] == pytest.approx(c["block_gemm_gmacs"] / (52.0 * bk.MODELS["mini"].ternary_weights / 1e9))
     assert any("llama.cpp's prompt speed" in line for line in lines)
     with pytest.raises(ValueError, match="GEMM"):
-        bk.run_kernel_bench(models=["mini"], threads=[1], gemm_tokens=0, llama_cpp="m.gguf", log=None)
+        bk.run_kernel_bench(models=["mini"], threads=[1], gemm_tokens=0, llama_cpp=str(gguf), log=None)
+    with pytest.raises(ValueError, match="no such GGUF"):
+        bk.run_kernel_bench(models=["mini"], threads=[1], gemm_tokens=8, llama_cpp=str(tmp_path / "x.gguf"), log=None)
 
 
 def test_core_rate_runs_on_one_thread_and_restores_the_count(monkeypatch) -> None:
@@ -97,3 +101,35 @@ def test_cli_verb_takes_the_bench_options(tmp_path, monkeypatch, capsys) -> None
                          (["--models", "9Z"], "unknown model"), (["--formats", "3bit"], "unknown format")):
         assert main(["bench", "kernels", *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--threads", "257"], "between 1 and 256"),
+    (["--threads", "1,100000"], "between 1 and 256"),
+    (["--llama-cpp", "{tmp}/nonexist.gguf", "--gemm-tokens", "4"], "nonexist.gguf: no such GGUF file"),
+    (["--models", ""], "--models names no model shape"),
+    (["--formats", ""], "--formats names no format"),
+    (["--formats", " , "], "--formats names no format"),
+    (["--min-mb", "nan"], "--min-mb a positive number"),
+    (["--json", ""], "--json needs a file name"),
+    (["--json", "{tmp}"], "is a directory"),
+    (["--json", "{tmp}/missing/k.json"], "does not exist"),
+    (["--json", "{tmp}/in.gguf", "--llama-cpp", "{tmp}/in.gguf", "--gemm-tokens", "4"], "is one of the inputs"),
+])
+def test_cli_refuses_bad_options_before_measuring(tmp_path, monkeypatch, capsys, bad, message) -> None:
+    from bittern.cli import main
+
+    (tmp_path / "in.gguf").write_bytes(b"GGUF")
+    monkeypatch.setitem(bk.MODELS, "mini", bk.ModelShape("mini", 256, 512, 64, 2))
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before refusing the options")
+
+    monkeypatch.setattr(bk, "_bench_shape", measured)
+    monkeypatch.setattr(bk, "python_call_overhead", measured)
+    monkeypatch.setattr(bk, "llama_cpp_prompt_rate", measured)
+    args = ["--shapes", "mini", "--threads", "1", "--reps", "1", "--gemm-tokens", "0", "--no-torch", "--min-mb", "0.2"]
+    assert main(["bench", "kernels", *args, *[b.format(tmp=tmp_path) for b in bad]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert (tmp_path / "in.gguf").read_bytes() == b"GGUF"

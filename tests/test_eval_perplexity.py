@@ -97,6 +97,10 @@ def test_bad_arguments(model, tok):
         perplexity(model, tok, [TEXT], context=1024, show_progress=False)
     with pytest.raises(UsageError, match="empty"):
         perplexity(model, tok, [""], context=64, show_progress=False)
+    with pytest.raises(ValueError, match="context must be at least 2"):  # 0 is not "the default"
+        perplexity(model, tok, [TEXT], context=0, show_progress=False)
+    with pytest.raises(ValueError, match="stride must be between 1"):
+        perplexity(model, tok, [TEXT], context=64, stride=0, show_progress=False)
 
 
 def test_cli_ppl_json(model, tok, tmp_path, capsys):
@@ -125,3 +129,66 @@ def test_default_model_path(monkeypatch, tmp_path):
         resolve_model_path(None)
     monkeypatch.setattr(train, "default_model_path", lambda: tmp_path, raising=False)
     assert resolve_model_path(None) == tmp_path
+
+
+def _packed_dir(model, tok, tmp_path, name="m"):
+    tok_file = tok.save(tmp_path / f"{name}_tok")
+    save_packed(model, tmp_path / name, tokenizer_file=tok_file, dtype="float32")
+    return tmp_path / name
+
+
+def test_bits_per_byte_counts_only_the_bytes_of_scored_tokens(model, tok):
+    ids = [tok.eos_id] + tok.encode(TEXT)
+    piece = [len(tok.decode([i], skip_special_tokens=False).encode()) for i in ids]
+    assert sum(piece[1:]) == len(TEXT.encode())  # ASCII text: each token's bytes stand alone
+    for stride in (8, 16):  # 16 = context: disjoint windows, each window's first token is not scored
+        res = perplexity(model, tok, [TEXT], context=16, stride=stride, show_progress=False)
+        scored = [p for _, end, first in window_plan(len(ids), 16, stride) for p in range(first, end)]
+        assert res.tokens == len(scored)
+        assert res.bytes == sum(piece[p] for p in scored)
+        assert res.bits_per_byte == pytest.approx(res.nll / math.log(2) / res.bytes)
+    assert res.bytes < len(TEXT.encode())  # stride == context left tokens (and their bytes) out
+
+
+def test_read_texts_keeps_the_file_bytes(tmp_path):
+    from bittern.eval.perplexity import read_texts
+
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(b"one\r\ntwo\rthree\n")
+    [(name, text)] = read_texts([f])
+    assert name == str(f) and text == "one\r\ntwo\rthree\n"
+
+
+def test_tokenizer_with_more_ids_than_the_model_is_refused(tok, tmp_path, capsys):
+    from bittern.eval.perplexity import load_model_and_tokenizer
+
+    small = Transformer(get_config("tiny", vocab_size=tok.vocab_size - 20, max_seq_len=64)).freeze()
+    d = _packed_dir(small, tok, tmp_path, "small")
+    with pytest.raises(UsageError, match=f"{tok.vocab_size} ids .* only {tok.vocab_size - 20}"):
+        load_model_and_tokenizer(d)
+    text_file = tmp_path / "a.txt"
+    text_file.write_text(TEXT)
+    assert main(["eval", "ppl", "--model", str(d), str(text_file)]) == 2
+    err = capsys.readouterr().err
+    assert str(tok.vocab_size) in err and str(tok.vocab_size - 20) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--context", "0"], "--context must be at least 2"),
+    (["--stride", "0"], "--stride must be at least 1"),
+    (["--context", "8", "--stride", "9"], "must not exceed --context"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--json", ""], "--json needs a file name"),
+    (["--json", "{input}"], "is one of the inputs"),
+    (["--json", "{tmp}"], "is a directory"),
+    (["--json", "{tmp}/no/such/dir/out.json"], "does not exist"),
+])
+def test_cli_ppl_refuses_bad_values_before_loading_the_model(tmp_path, capsys, extra, message):
+    text_file = tmp_path / "a.txt"
+    text_file.write_text(TEXT)
+    extra = [e.format(input=text_file, tmp=tmp_path) for e in extra]
+    # the model directory does not exist: the check must come before anything is loaded
+    assert main(["eval", "ppl", "--model", str(tmp_path / "no-model"), str(text_file), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-model" not in err
+    assert text_file.read_text() == TEXT

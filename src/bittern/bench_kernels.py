@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .hugepages import HugePageArena, huge_pages_available
 from .kernels import native as nat
 from .pack import TernaryWeight, get_layout
@@ -373,16 +374,40 @@ def run_kernel_bench(
     tokens) is measured before and after each thread count's shapes, and each format's whole-block
     GEMM rate is reported against it in weight-MACs per second.
     """
+    from .engine.generate import MAX_THREADS
+
+    if not models:
+        raise ValueError(f"no model shapes given; known: {sorted(MODELS)}")
+    if not formats:
+        raise ValueError(f"no formats given; known: {list(FORMATS)}")
+    if not threads:
+        raise ValueError("no thread counts given")
+    out_of_range = [t for t in threads if not 1 <= t <= MAX_THREADS]
+    if out_of_range:
+        raise ValueError(f"thread counts must be between 1 and {MAX_THREADS}, got {out_of_range}")
     if cpu_clock and any(t != 1 for t in threads):
         raise ValueError("cpu_clock only measures the calling thread: use it with threads=(1,)")
-    if not nat.available():
-        raise RuntimeError(f"native kernels unavailable: {nat.library_error()}")
+    if not (math.isfinite(min_bytes) and min_bytes > 0):
+        raise ValueError(f"min_bytes must be a positive number, got {min_bytes}")
+    if reps < 1 or gemm_tokens < 0:
+        raise ValueError("reps must be at least 1 and gemm_tokens at least 0")
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model shape(s) {unknown}; known: {sorted(MODELS)}")
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown format(s) {bad}; known: {list(FORMATS)}")
+    if llama_cpp:
+        if not gemm_tokens:
+            raise ValueError("the llama.cpp comparison needs the GEMM measurement (gemm_tokens > 0)")
+        if not os.path.isfile(llama_cpp):
+            raise ValueError(f"{llama_cpp}: no such GGUF file (for the llama.cpp comparison)")
+    if json_path is not None:
+        from .eval.outputs import check_output_file
+
+        check_output_file(json_path, "--json", inputs=[llama_cpp] if llama_cpp else ())
+    if not nat.available():
+        raise RuntimeError(f"native kernels unavailable: {nat.library_error()}")
     say = log or (lambda _s: None)
     old_threads, old_torch_threads = nat.get_threads(), torch.get_num_threads()
     gen = torch.Generator().manual_seed(seed)
@@ -416,8 +441,6 @@ def run_kernel_bench(
     say("# core computes), %core = GB/s / (threads x core): near 100% = compute-bound; x fp32/x bf16 = torch")
     say("# F.linear time / kernel time;")
     say(f"# GEMM: {gemm_tokens} tokens, GMAC/s = weights x tokens / s.")
-    if llama_cpp and not gemm_tokens:
-        raise ValueError("the llama.cpp comparison needs the GEMM measurement (gemm_tokens > 0)")
     say(_HEADER)
     results: list[dict] = []
     comparisons: list[dict] = []
@@ -461,22 +484,36 @@ def run_kernel_bench(
 def run_from_args(a: argparse.Namespace) -> dict:
     """Run the bench with the options of :func:`bittern.commands.bench.add_kernel_bench_arguments`.
 
-    Raises ValueError for option values it cannot use (not integers, unknown shapes or formats)."""
+    Raises ValueError (UsageError for an output path) for option values it cannot use (not integers,
+    thread counts outside 1..MAX_THREADS, empty or unknown shapes or formats, a missing GGUF), before
+    anything is measured."""
     def ints(text: str, name: str) -> list[int]:
         try:
             return [int(t) for t in text.split(",") if t.strip()]
         except ValueError:
             raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
 
+    from .engine.generate import MAX_THREADS
+
     threads = ints(a.threads, "--threads")
     if not threads or any(t < 1 for t in threads):
         raise ValueError(f"--threads must list positive thread counts, got {a.threads!r}")
-    if a.reps < 1 or a.gemm_tokens < 0 or a.min_mb <= 0:
-        raise ValueError("--reps must be at least 1, --gemm-tokens at least 0 and --min-mb positive")
+    if any(t > MAX_THREADS for t in threads):
+        raise ValueError(f"--threads must list thread counts between 1 and {MAX_THREADS}, got {a.threads!r}")
+    if a.reps < 1 or a.gemm_tokens < 0 or not (math.isfinite(a.min_mb) and a.min_mb > 0):
+        raise ValueError("--reps must be at least 1, --gemm-tokens at least 0 and --min-mb a positive number")
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    if not models:
+        raise ValueError(f"--models names no model shape; known: {', '.join(MODELS)}")
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()] if a.formats is not None else list(FORMATS)
+    if not formats:
+        raise ValueError(f"--formats names no format; known: {', '.join(FORMATS)}")
+    if a.llama_cpp is not None and not os.path.isfile(a.llama_cpp):
+        raise ValueError(f"--llama-cpp: {a.llama_cpp}: no such GGUF file")
     return run_kernel_bench(
-        models=[m.strip() for m in a.models.split(",") if m.strip()],
+        models=models,
         threads=threads,
-        formats=[f.strip() for f in a.formats.split(",") if f.strip()] if a.formats else FORMATS,
+        formats=formats,
         gemm_tokens=a.gemm_tokens,
         reps=a.reps,
         min_bytes=a.min_mb * 1e6,
@@ -500,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         run_from_args(a)
-    except ValueError as e:
+    except (ValueError, UsageError) as e:
         p.error(str(e))
     return 0
 

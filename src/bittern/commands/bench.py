@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
 from ..errors import UsageError
@@ -37,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--throughput-ctx", type=int, default=128, help="sequence length the throughput batch is sized for (default: 128)")
     q.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     q.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per model measurement (default: 600)")
-    q.add_argument("--json", default="runs/bench/paper.json", help="JSON output (default: runs/bench/paper.json)")
-    q.add_argument("--png", default="runs/bench/paper.png", help="chart output (default: runs/bench/paper.png)")
+    q.add_argument("--json", default="runs/bench/paper.json",
+                   help="JSON output (default: runs/bench/paper.json; '' writes none)")
+    q.add_argument("--png", default="runs/bench/paper.png", help="chart output (default: runs/bench/paper.png; '' draws none)")
     q.set_defaults(handler=run_paper)
 
     k = verbs.add_parser("kernels", help="ternary matrix-product kernels: GEMV/GEMM speed by shape and threads")
@@ -66,20 +69,49 @@ def add_kernel_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep packed weights on ordinary 4 KB pages (default: transparent huge pages where available)")
 
 
+def _check_paper_args(args: argparse.Namespace) -> list[str]:
+    """The configs of ``bench paper``, after refusing values it cannot use and unwritable outputs
+    (before anything is measured)."""
+    from ..configs import get_config
+    from ..engine.generate import MAX_THREADS
+    from ..eval.outputs import check_distinct, check_output_file
+
+    for flag, value in (("--max-batch", args.max_batch), ("--scaled-layers", args.scaled_layers),
+                        ("--prompt-len", args.prompt_len), ("--throughput-ctx", args.throughput_ctx)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.decode_steps < 2:
+        raise UsageError(f"--decode-steps must be at least 2 (the first one is untimed), got {args.decode_steps}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
+    for flag, value in (("--timeout", args.timeout), ("--budget-gb", args.budget_gb),
+                        ("--full-limit-gb", args.full_limit_gb)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive number, got {value}")
+    if args.throughput_ctx <= args.prompt_len:
+        raise UsageError("--throughput-ctx must be larger than --prompt-len")
+    configs = _csv(args.configs)
+    if not configs:
+        raise UsageError("--configs names no config")
+    for c in configs:
+        get_config(c)  # an unknown name fails here
+    for flag, path in (("--json", args.json), ("--png", args.png)):
+        if path:
+            check_output_file(path, flag, create_parents=True)
+    check_distinct({"--json": args.json, "--png": args.png})
+    return configs
+
+
 def run_paper(args: argparse.Namespace) -> int:
+    """``bittern bench paper``: the table, the JSON and the chart; exit status 1 when no config could be measured."""
     from ..eval.paper_bench import BenchSettings, format_table, plot, run_paper_bench
 
-    if args.max_batch < 1 or args.scaled_layers < 1 or args.timeout <= 0:
-        raise UsageError("--max-batch, --scaled-layers and --timeout must be positive")
-    if args.budget_gb is not None and args.budget_gb <= 0:
-        raise UsageError("--budget-gb must be positive")
+    configs = _check_paper_args(args)
     settings = BenchSettings(fp_dtype=args.fp_dtype, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                              throughput_ctx=args.throughput_ctx, budget=args.budget_gb * 1e9 if args.budget_gb else None,
                              max_batch=args.max_batch, full_limit=args.full_limit_gb * 1e9,
                              scaled_layers=args.scaled_layers, threads=args.threads, timeout=args.timeout)
-    if settings.throughput_ctx <= settings.prompt_len:
-        raise UsageError("--throughput-ctx must be larger than --prompt-len")
-    result = run_paper_bench(_csv(args.configs), settings)
+    result = run_paper_bench(configs, settings)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +119,11 @@ def run_paper(args: argparse.Namespace) -> int:
         print(f"\nJSON: {args.json}")
     if args.png:
         print(f"chart: {plot(result, args.png)}")
+    failed = [r["config"] for r in result["rows"] if not r.get("ratios")]
+    if failed and len(failed) == len(result["rows"]):
+        print(f"bittern bench: error: every measurement failed ({', '.join(failed)}); see the table above",
+              file=sys.stderr)
+        return 1
     return 0
 
 

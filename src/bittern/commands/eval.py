@@ -46,11 +46,29 @@ def _write_json(target: str, data: dict) -> None:
             f.write(text + "\n")
 
 
+def _check_ppl_args(args: argparse.Namespace) -> None:
+    """Refuse values ``eval ppl`` cannot use, and an unwritable --json, before the model loads."""
+    from ..eval.outputs import check_output_file
+
+    if args.context is not None and args.context < 2:
+        raise UsageError(f"--context must be at least 2 tokens, got {args.context}")
+    if args.stride is not None and args.stride < 1:
+        raise UsageError(f"--stride must be at least 1 token, got {args.stride}")
+    if args.context is not None and args.stride is not None and args.stride > args.context:
+        raise UsageError(f"--stride ({args.stride}) must not exceed --context ({args.context})")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.json is not None and args.json != "-":
+        check_output_file(args.json, "--json", inputs=args.files)
+
+
 def run_ppl(args: argparse.Namespace) -> int:
+    """``bittern eval ppl``: perplexity and bits per byte of each file, printed or as JSON."""
     import torch
 
     from ..eval.perplexity import load_model_and_tokenizer, perplexity, read_texts, resolve_model_path
 
+    _check_ppl_args(args)
     texts = read_texts(args.files)
     model_dir = resolve_model_path(args.model)
     model, tokenizer = load_model_and_tokenizer(model_dir, getattr(torch, args.dtype))
@@ -70,6 +88,17 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
+    """``bittern eval tasks``: zero-shot accuracy through lm-eval, printed or as JSON."""
+    from ..eval.outputs import check_output_file
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive number of documents, got {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.json is not None and args.json != "-":
+        check_output_file(args.json, "--json")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -77,14 +106,23 @@ def run_tasks(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"zero-shot tasks need lm-eval: pip install lm-eval ({e})") from None
     from ..eval.perplexity import resolve_model_path
+    from ..eval.task_data import task_name
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--tasks names no task")
+    for t in tasks:
+        task_name(t)  # an unknown name fails here, before the model loads
     model_dir = str(resolve_model_path(args.model))
     out = evaluate_tasks(model_dir, tasks, limit=args.limit, batch_size=args.batch_size,
                          num_fewshot=args.num_fewshot, dtype=args.dtype)
     results = out.get("results", {})
+    data = {"model": model_dir, "tasks": tasks, "limit": args.limit,
+            "num_fewshot": 0 if args.num_fewshot is None else args.num_fewshot,
+            "batch_size": args.batch_size, "dtype": args.dtype, "results": results,
+            "n-samples": out.get("n-samples")}
     if args.json == "-":
-        _write_json("-", {"model": model_dir, "results": results, "n-samples": out.get("n-samples")})
+        _write_json("-", data)
         return 0
     print(f"{'task':<24} {'metric':<12} {'value':>10}")
     for task, metrics in results.items():
@@ -94,5 +132,5 @@ def run_tasks(args: argparse.Namespace) -> int:
             shown = f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e6 else f"{value:.3g}"
             print(f"{task:<24} {key.split(',')[0]:<12} {shown:>10}")
     if args.json:
-        _write_json(args.json, {"model": model_dir, "results": results})
+        _write_json(args.json, data)
     return 0

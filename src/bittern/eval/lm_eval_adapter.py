@@ -5,18 +5,20 @@ Importing this module registers the adapter (``lm_eval.api.registry.register_mod
     import lm_eval
     from bittern.eval.lm_eval_adapter import BitternLM
     from bittern.eval.task_data import tasks_dir
-    lm = BitternLM(pretrained="runs/demo/model")          # or BitternLM(model=m, tokenizer=tok)
+    lm = BitternLM(pretrained="runs/demo")                # or BitternLM(model=m, tokenizer=tok)
     tm = lm_eval.tasks.TaskManager(include_path=str(tasks_dir()))
     out = lm_eval.simple_evaluate(model=lm, tasks=["bittern_piqa"], limit=50, task_manager=tm)
 
 From the shell (``python -m bittern.eval.lm_eval_cli`` is the ``lm_eval`` CLI with this adapter
 registered and bittern's local task configs on the include path)::
 
-    python -m bittern.eval.lm_eval_cli run --model bittern --model_args pretrained=DIR --tasks bittern_piqa
+    python -m bittern.eval.lm_eval_cli run --model bittern --model_args pretrained=DIR,batch_size=8 --tasks bittern_piqa
 
 Model arguments: ``pretrained`` (a bittern packed model directory holding ``tokenizer.json``),
 ``batch_size`` (sequences per forward pass), ``max_batch_tokens`` (cap on padded tokens per forward
 pass), ``max_length`` (context; default the model's), ``dtype`` (float32, bfloat16, float16).
+``batch_size`` and ``device`` may be given in ``--model_args`` as well as through lm-eval's own
+``--batch_size``/``--device``; the ``--model_args`` value wins.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tqdm import tqdm
 from ..errors import UsageError
 from ..generate import generate_ids
 from ..sampling import SamplingParams
-from .perplexity import load_model_and_tokenizer, resolve_model_path, score_ids
+from .perplexity import check_vocab, load_model_and_tokenizer, resolve_model_path, score_ids
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,6 +53,8 @@ class BitternLM(TemplateLM):
             model, tokenizer = load_model_and_tokenizer(resolve_model_path(pretrained), _DTYPES[dtype])
         elif tokenizer is None:
             raise UsageError("give the tokenizer together with the model")
+        else:
+            check_vocab(model, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -64,6 +68,22 @@ class BitternLM(TemplateLM):
         self.max_length = min(int(max_length), limit) if max_length else limit
         if self.batch_size < 1 or self.max_batch_tokens < 1 or self.max_length < 2:
             raise UsageError("batch_size and max_batch_tokens must be positive and max_length at least 2")
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> "BitternLM":
+        """The adapter from lm-eval's ``--model_args`` (``arg_dict``) and its own options (``additional_config``:
+        batch_size, max_batch_size, device). A key given in both takes the ``--model_args`` value: lm-eval
+        always passes its ``--batch_size`` (default 1), which would otherwise clash with ``batch_size=N``
+        in ``--model_args``."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> "BitternLM":
+        """The adapter from ``--model_args key=value,...``; see :meth:`create_from_arg_obj`."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string or ""), additional_config)
 
     # ------------------------------------------------------------------ tokens
 

@@ -2,7 +2,7 @@
 
 Usage is exactly lm-eval's (``python -m bittern.eval.lm_eval_cli --help``); for example::
 
-    python -m bittern.eval.lm_eval_cli run --model bittern --model_args pretrained=runs/demo/model \\
+    python -m bittern.eval.lm_eval_cli run --model bittern --model_args pretrained=runs/demo,batch_size=8 \\
         --tasks bittern_piqa,bittern_arc_easy --limit 100
 
 ``--include_path`` defaults to bittern's task directory (:func:`bittern.eval.task_data.tasks_dir`).

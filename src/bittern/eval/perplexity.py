@@ -8,8 +8,10 @@ windows are disjoint and the first token of each window has nothing before it in
 it is not scored (the count of scored tokens says so): prefer ``stride < context``.
 
 When the tokenizer has an end-of-text (or beginning-of-text) token it is put in front of each text so
-that the first token is scored too; bits per byte is then ``total NLL / ln 2 / UTF-8 bytes of the
-text``. Without one the first token is not scored and its bytes are left out of the byte count.
+that the first token is scored too. Bits per byte is ``total NLL / ln 2 / UTF-8 bytes of the scored
+tokens``: the bytes of a token that is not scored (the first token when there is no start token, the
+first token of each window when ``stride == context``) are left out, so that the NLL and the bytes
+cover the same text; when every token is scored that is all the bytes of the text.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class TextScore:
 
     @property
     def bits_per_byte(self) -> float:
-        """Total NLL in bits over the UTF-8 bytes of the scored text."""
+        """Total NLL in bits over the UTF-8 bytes of the scored tokens."""
         return self.nll / math.log(2) / self.bytes if self.bytes else float("nan")
 
 
@@ -110,6 +112,30 @@ def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int
     return plan
 
 
+def unscored_positions(n_tokens: int, context: int, stride: int) -> list[int]:
+    """Positions of ``n_tokens`` ids that :func:`window_plan` does not score (always 0, and with
+    ``stride == context`` the first position of each later window)."""
+    scored = [False] * n_tokens
+    for _, end, first in window_plan(n_tokens, context, stride):
+        scored[first:end] = [True] * (end - first)
+    return [i for i, s in enumerate(scored) if not s]
+
+
+def token_bytes(tokenizer: Any, ids: list[int], pos: int, start: int = 0, lookback: int = 8) -> int:
+    """UTF-8 bytes that the token at ``pos`` adds to the text of ``ids[start:]``.
+
+    Measured as the growth of the decoded text when the token is appended to up to ``lookback``
+    tokens before it, so a character split over several byte-level tokens and a word-start marker
+    that the decoder drops at the start of a text are counted as in the whole text.
+    """
+    a = max(start, pos - lookback)
+
+    def size(part: list[int]) -> int:
+        return len(tokenizer.decode(part, skip_special_tokens=False).encode("utf-8")) if part else 0
+
+    return max(size(ids[a:pos + 1]) - size(ids[a:pos]), 0)
+
+
 @torch.no_grad()
 def score_ids(model: torch.nn.Module, ids: list[int], context: int, stride: int, batch_size: int = 1,
               progress: tqdm | None = None) -> tuple[float, int]:
@@ -145,13 +171,21 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Iterable[tuple[str
                show_progress: bool = True) -> PerplexityResult:
     """Perplexity and bits per byte of ``model`` on ``texts`` (strings or ``(name, text)`` pairs).
 
-    ``context`` defaults to the model's context length, ``stride`` to half the context.
+    ``context`` defaults to the model's context length, ``stride`` to half the context (None: the
+    default; 0 is refused like any other value below the minimum). ``bytes`` counts the UTF-8 bytes
+    of the scored tokens only (see the module docstring).
     """
     max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
-    context = context or max_len or 1024
+    if context is None:
+        context = max_len or 1024
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}")
     if max_len is not None and context > max_len:
         raise ValueError(f"context {context} exceeds the model's context length {max_len}")
-    stride = stride or max(1, context // 2)
+    if stride is None:
+        stride = max(1, context // 2)
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be between 1 and the context ({context}), got {stride}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     items = [(t if isinstance(t, tuple) else (f"text{i}", t)) for i, t in enumerate(texts)]
@@ -166,10 +200,12 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Iterable[tuple[str
         ids = tokenizer.encode(text)
         if not ids:
             raise UsageError(f"{name}: no tokens (empty text)")
+        whole = prefix + ids
         nbytes = len(text.encode("utf-8"))
-        if not prefix:
-            nbytes -= len(tokenizer.decode(ids[:1], skip_special_tokens=False).encode("utf-8"))
-        encoded.append((name, prefix + ids, nbytes))
+        for pos in unscored_positions(len(whole), context, stride):
+            if pos >= len(prefix):  # the start token is not text: it has no bytes to leave out
+                nbytes -= token_bytes(tokenizer, whole, pos, start=len(prefix))
+        encoded.append((name, whole, nbytes))
     result = PerplexityResult(context, stride)
     total = sum(len(ids) - 1 for _, ids, _ in encoded)
     with tqdm(total=total, desc="perplexity", unit="tok", disable=not show_progress) as bar:
@@ -191,7 +227,8 @@ def read_texts(files: list[str | os.PathLike]) -> list[tuple[str, str]]:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
         try:
-            out.append((str(path), path.read_text(encoding="utf-8")))
+            with open(path, encoding="utf-8", newline="") as fh:  # the file's bytes as they are (CRLF stays)
+                out.append((str(path), fh.read()))
         except UnicodeDecodeError as e:
             raise UsageError(f"{path}: not UTF-8 text ({e})") from None
     return out
@@ -223,4 +260,15 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, dtype: torch.dtype = 
     tok_path = model_dir / tok_name
     if not tok_path.is_file():
         raise UsageError(f"{model_dir}: no {tok_name} in the model directory (save it with a tokenizer)")
-    return model, load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)
+    check_vocab(model, tokenizer, tok_path)
+    return model, tokenizer
+
+
+def check_vocab(model: torch.nn.Module, tokenizer: Any, where: str | os.PathLike = "the tokenizer") -> None:
+    """Refuse a tokenizer that can produce ids the model has no embedding for (UsageError naming both sizes)."""
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    tok_vocab = getattr(tokenizer, "vocab_size", None)
+    if model_vocab is not None and tok_vocab is not None and int(tok_vocab) > int(model_vocab):
+        raise UsageError(f"{where}: the tokenizer has {tok_vocab} ids but the model's vocabulary has only "
+                         f"{model_vocab}; use the tokenizer the model was trained with")

@@ -162,10 +162,19 @@ def ensure_task_data(name: str, root: Path | None = None, directory: Path | None
     return target
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file."""
+def read_jsonl(path: Path, hint: str = "") -> list[dict[str, Any]]:
+    """Records of a JSONL file; a line that is not JSON raises :class:`UsageError` naming ``path:line``
+    (followed by ``hint``)."""
+    out = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg} column {e.colno}){hint}") from None
+    return out
 
 
 def load_task_dataset(name: str, **_: Any) -> Any:
@@ -181,5 +190,6 @@ def load_task_dataset(name: str, **_: Any) -> Any:
     path = Path(override) / f"{short}.jsonl" if override else ensure_task_data(short)
     if not path.is_file():
         raise UsageError(f"{path}: no data for task {short}")
+    hint = "" if override else "; the cached task file is damaged: delete it and it is re-created on the next run"
     split = "test" if short == "lambada" else "validation"
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(read_jsonl(path))})
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(read_jsonl(path, hint))})
