@@ -281,7 +281,7 @@ def test_cli_convert_hf_to_bittern(tmp_path, capsys):
 def test_repo_id_offline_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(UsageError, match="huggingface-cli download microsoft/bitnet-b1.58-2B-4T"):
+    with pytest.raises(UsageError, match="hf download microsoft/bitnet-b1.58-2B-4T"):
         from_pretrained("microsoft/bitnet-b1.58-2B-4T")
 
 
