@@ -362,7 +362,6 @@ def test_openai_edge_cases(server, client) -> None:
     assert len(r.choices) == 2
     assert_openai_error(raw(server, "POST", c, json={"model": MODEL, "prompt": "Hi", "stream_options": {"include_usage": True}}),
                         400, "stream_options")
-    assert_openai_error(raw(server, "POST", c, json={"model": MODEL, "prompt": "Hi", "logprobs": 0}), 400, "logprobs")
     assert raw(server, "POST", c, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "suffix": ""}).status_code == 200
     r = client.completions.create(model=MODEL, prompt="Hi", extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 16  # the legacy endpoint's default, as OpenAI's
@@ -396,6 +395,46 @@ def test_cors_origins_let_a_page_elsewhere_call_the_api(model_dir) -> None:
         other = httpx.get(srv.url + "/v1/models", timeout=10, headers={"Origin": "http://evil.example", "Authorization": f"Bearer {KEY}"})
         assert "access-control-allow-origin" not in other.headers
         assert httpx.get(srv.url + "/v1/models", timeout=10).status_code == 401  # the key is still required
+
+
+def test_logprobs_of_the_generated_tokens(server, client, model_dir) -> None:
+    """logprobs (completions) and logprobs/top_logprobs (chat): one entry per token of the returned text,
+    the first equal to the model's log-softmax at the prompt's last position, the greedy choice the most
+    likely alternative; the same streamed; tokens after a stop string are not reported."""
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    lp = c.logprobs
+    assert "".join(lp.tokens) == c.text and len(lp.tokens) == 12
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(12)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # (alternatives decoding to the same text share one key, the likeliest kept)
+        assert value <= 0 and 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(value, abs=1e-5)
+    tok = load_tokenizer(model_dir / "tokenizer.json")
+    model = load_packed(model_dir)
+    ids = tok.encode("ROMEO:")
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+    first = tok.encode(lp.tokens[0])
+    assert len(first) == 1 and lp.token_logprobs[0] == pytest.approx(float(expected[first[0]]), abs=1e-4)
+    streamed = [ch for ch in client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, temperature=0,
+                                                       logprobs=3, stream=True, extra_body={"ignore_eos": True})]
+    tokens = [t for ch in streamed for choice in ch.choices if choice.logprobs for t in choice.logprobs.tokens]
+    assert tokens == lp.tokens
+    cut = c.text[len(c.text) // 2 :][:3]
+    stopped = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, temperature=0, logprobs=0,
+                                        stop=[cut], extra_body={"ignore_eos": True}).choices[0]
+    assert "".join(stopped.logprobs.tokens) == stopped.text == c.text[: c.text.index(cut)]
+    assert stopped.logprobs.top_logprobs is None
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(x.token for x in content) == chat.choices[0].message.content
+    assert all(len(x.top_logprobs) == 2 and bytes(x.bytes).decode() == x.token for x in content)
+    assert_openai_error(raw(server, "POST", "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400, "top_logprobs")
+    assert_openai_error(raw(server, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 50}),
+                        400, "logprobs")
 
 
 def test_full_queue_answers_429(server) -> None:
@@ -506,6 +545,8 @@ def test_fast_engine_server_carries_prompts_in_steps(model_dir) -> None:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             together = list(pool.map(one, prompts))
         assert together == alone and all(alone)
+        scored = c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=12, temperature=0, logprobs=1).choices[0]
+        assert "".join(scored.logprobs.tokens) == scored.text == alone[0]  # logprobs on the fast engine too
         # a second chat turn resends the first: its prompt is found in the KV cache (usage reports it)
         msgs = [{"role": "user", "content": "to be or not to be, that is the question"}]
         r1 = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)

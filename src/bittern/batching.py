@@ -75,6 +75,10 @@ class StepOutput:
     finish_reason: str | None
     #: with a request's first token: how many of its prompt tokens were found in the KV cache
     cached_prompt_tokens: int | None = None
+    #: when the request asked for ``logprobs``: the token's log-probability under the model
+    logprob: float | None = None
+    #: and its ``logprobs`` most likely alternatives, ``(token, log-probability)``, most likely first
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 #: a new request waits for an earlier one that will compute at least this many more of its prompt
@@ -375,4 +379,13 @@ class BatchGenerator:
         else:
             continuing.append(request)
         first = request.cached_prompt_tokens if len(request.generated) == 1 else None
-        outputs.append(StepOutput(request.id, token, reason is not None, reason, first))
+        logprob = top = None
+        if request.params.logprobs is not None:
+            lp = torch.log_softmax(request.next_logits[0].float(), dim=-1)
+            logprob = float(lp[token])
+            if request.params.logprobs:
+                values, ids = torch.topk(lp, min(request.params.logprobs, lp.numel()))
+                top = list(zip(ids.tolist(), values.tolist()))
+            else:
+                top = []
+        outputs.append(StepOutput(request.id, token, reason is not None, reason, first, logprob, top))

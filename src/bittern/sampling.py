@@ -20,6 +20,9 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 128
     stop: list[str] = field(default_factory=list)
+    #: report each generated token's log-probability (under the model, before sampling's filters) and
+    #: those of this many most likely alternatives; None: nothing (batch generation only)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not its characters
@@ -39,10 +42,15 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0 and finite")
         if self.max_tokens <= 0:
             raise ValueError("max_tokens must be a positive number of tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS} alternatives")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]")
         return self
 
+
+#: the most alternatives a token's log-probabilities may list (OpenAI's limit for top_logprobs)
+MAX_TOP_LOGPROBS = 20
 
 #: the seeds a generator takes (64-bit, signed or unsigned)
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1

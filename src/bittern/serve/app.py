@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..sampling import SamplingParams, offset_seed
+from ..sampling import MAX_TOP_LOGPROBS, SamplingParams, offset_seed
 from ..tokenizer import Tokenizer
 from .chat_template import ChatTemplateError, chat_stop_strings, render_chat
 from .middleware import GuardMiddleware
@@ -82,10 +82,31 @@ def _coalesce(events: list[Event]) -> list[Event]:
     out: list[Event] = []
     for e in events:
         if e.kind == "delta" and out and out[-1].kind == "delta" and out[-1].index == e.index:
-            out[-1] = Event("delta", text=out[-1].text + e.text, completion_tokens=e.completion_tokens, index=e.index)
+            merged = None if out[-1].logprobs is None and e.logprobs is None else (out[-1].logprobs or []) + (e.logprobs or [])
+            out[-1] = Event("delta", text=out[-1].text + e.text, completion_tokens=e.completion_tokens, index=e.index,
+                            logprobs=merged)
         else:
             out.append(e)
     return out
+
+
+TokenLogprobs = list[tuple[str, float, list[tuple[str, float]], int]]
+
+
+def _completion_logprobs(entries: TokenLogprobs, offset: int, top: int) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object (``offset``: characters before the generated text)."""
+    return {"tokens": [t for t, _, _, _ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
+            # alternatives that decode to the same text (byte pieces of one character) keep the likeliest
+            "top_logprobs": [{a: lp for a, lp in reversed(alts)} for _, _, alts, _ in entries] if top else None,
+            "text_offset": [offset + o for _, _, _, o in entries]}
+
+
+def _chat_logprobs(entries: TokenLogprobs) -> dict[str, Any]:
+    """The chat completions ``logprobs`` object."""
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in alts]} for t, lp, alts, _ in entries],
+            "refusal": None}
 
 
 def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConfig | None = None) -> FastAPI:
@@ -178,8 +199,8 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         return [s for s in stop if s] + extra
 
     def make_jobs(body: _Sampling, prompts: list[list[int]], max_tokens: int | None, extra_stop: list[str],
-                  param: str, max_tokens_name: str = "max_tokens", default_max_tokens: int | None = None
-                  ) -> tuple[list[Job], asyncio.Queue]:
+                  param: str, max_tokens_name: str = "max_tokens", default_max_tokens: int | None = None,
+                  logprobs: int | None = None) -> tuple[list[Job], asyncio.Queue]:
         n = 1 if body.n is None else body.n
         if n < 1:
             raise APIError(400, "n must be at least 1", param="n")
@@ -200,6 +221,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
             if any(not 0 <= t < tokenizer_vocab for t in prompt):
                 raise APIError(400, f"the prompt holds token ids outside [0, {tokenizer_vocab})", param=param)
             base = sampling(body, len(prompt), max_tokens, max_tokens_name, default_max_tokens or config.default_max_tokens)
+            base.logprobs = logprobs
             for i in range(n):
                 params = SamplingParams(**{**base.__dict__, "seed": offset_seed(base.seed, i)})
                 jobs.append(Job(list(prompt), params, loop, eos_ids=set(eos), stop=stop, queue=queue,
@@ -221,9 +243,12 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         for job in jobs:
             worker.cancel(job)
 
-    async def collect(request: Request, jobs: list[Job], queue: asyncio.Queue) -> tuple[list[str], list[str], int] | None:
-        """Wait for every job; texts, finish reasons and completion tokens, or None if the client left."""
+    async def collect(request: Request, jobs: list[Job], queue: asyncio.Queue
+                      ) -> tuple[list[str], list[str], int, list[TokenLogprobs]] | None:
+        """Wait for every job; texts, finish reasons, completion tokens and the tokens' logprobs (when asked
+        for), or None if the client left."""
         texts = [""] * len(jobs)
+        logprobs: list[TokenLogprobs] = [[] for _ in jobs]
         reasons = [""] * len(jobs)
         completion = 0
         remaining = len(jobs)
@@ -245,15 +270,17 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
                 if event.kind == "error":
                     raise APIError(event.status, event.text, type=event.error_type, code=event.code)
                 texts[event.index] += event.text
+                logprobs[event.index] += event.logprobs or []
                 if event.kind == "done":
                     remaining -= 1
                     reasons[event.index] = event.finish_reason or "stop"
                     completion += event.completion_tokens
-            return texts, reasons, completion
+            return texts, reasons, completion, logprobs
         finally:
             cancel_all(jobs)
 
-    def streaming(jobs: list[Job], queue: asyncio.Queue, chunk: Callable[[int, str | None, str | None], dict[str, Any]],
+    def streaming(jobs: list[Job], queue: asyncio.Queue,
+                  chunk: Callable[[int, str | None, str | None, TokenLogprobs | None], dict[str, Any]],
                   first: Callable[[int], dict[str, Any]] | None, usage_chunk: Callable[[int], dict[str, Any]] | None) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             completion = 0
@@ -273,11 +300,11 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
                             remaining = 0
                             break
                         if event.kind == "delta":
-                            out.append(_sse(chunk(event.index, event.text, None)))
+                            out.append(_sse(chunk(event.index, event.text, None, event.logprobs)))
                         else:
                             remaining -= 1
                             completion += event.completion_tokens
-                            out.append(_sse(chunk(event.index, None, event.finish_reason)))
+                            out.append(_sse(chunk(event.index, None, event.finish_reason, None)))
                     else:
                         if not remaining and usage_chunk is not None:
                             out.append(_sse(usage_chunk(completion)))
@@ -343,8 +370,8 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
             raise APIError(400, "best_of is not supported", param="best_of")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if body.logprobs is not None:  # 0 asks for the chosen tokens' log-probabilities
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
         check_stream_options(body)
         if isinstance(body.prompt, str):
             texts: list[str | None] = [body.prompt]
@@ -360,7 +387,7 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
             raise APIError(400, "the prompt is empty", param="prompt")
         prompts = [p if p or tokenizer.bos_id is None else [tokenizer.bos_id] for p in prompts]
         jobs, queue = make_jobs(body, prompts, body.max_tokens, [], "prompt",
-                                default_max_tokens=config.completion_default_max_tokens)
+                                default_max_tokens=config.completion_default_max_tokens, logprobs=body.logprobs)
         n = len(jobs) // len(prompts)
         prefix = ["" for _ in jobs]
         if body.echo:
@@ -368,16 +395,21 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
 
-        def choice(index: int, text: str | None, reason: str | None) -> dict[str, Any]:
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        def choice(index: int, text: str | None, reason: str | None, logprobs: TokenLogprobs | None = None,
+                   offset: int = 0) -> dict[str, Any]:
+            lp = None
+            if body.logprobs is not None and logprobs is not None:
+                lp = _completion_logprobs(logprobs, offset, body.logprobs)
+            return {"index": index, "text": text or "", "logprobs": lp, "finish_reason": reason}
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             extra = {"usage": None} if include_usage else {}
 
-            def chunk(index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+            def chunk(index: int, text: str | None, reason: str | None, logprobs: TokenLogprobs | None = None
+                      ) -> dict[str, Any]:
                 return {"id": rid, "object": "text_completion", "created": now, "model": config.model_name,
-                        "choices": [choice(index, text, reason)], **extra}
+                        "choices": [choice(index, text, reason, logprobs, len(prefix[index]))], **extra}
 
             def first(index: int) -> dict[str, Any]:
                 return chunk(index, prefix[index], None)
@@ -390,17 +422,22 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         result = await collect(request, jobs, queue)
         if result is None:
             return Response(status_code=499)
-        outs, reasons, completion = result
+        outs, reasons, completion, logprobs = result
         return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": config.model_name,
-                             "choices": [choice(i, prefix[i] + outs[i], reasons[i]) for i in range(len(jobs))],
+                             "choices": [choice(i, prefix[i] + outs[i], reasons[i], logprobs[i], len(prefix[i]))
+                                         for i in range(len(jobs))],
                              "usage": _usage(prompt_tokens, completion, jobs, n)})
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
         check_stream_options(body)
-        if body.logprobs or body.top_logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if body.top_logprobs is not None:
+            if not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+        chat_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.tools:
             raise APIError(400, "tools are not supported", param="tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
@@ -429,20 +466,24 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
             max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
         else:
             max_tokens, name = body.max_tokens, "max_tokens"
-        jobs, queue = make_jobs(body, [prompt], max_tokens, chat_stop_strings(tokenizer.chat_template), "messages", name)
+        jobs, queue = make_jobs(body, [prompt], max_tokens, chat_stop_strings(tokenizer.chat_template), "messages", name,
+                                logprobs=chat_logprobs)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             extra = {"usage": None} if include_usage else {}
 
-            def chunk_of(index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+            def chunk_of(index: int, delta: dict[str, Any], reason: str | None, logprobs: TokenLogprobs | None = None
+                         ) -> dict[str, Any]:
+                lp = _chat_logprobs(logprobs) if chat_logprobs is not None and logprobs is not None else None
                 return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": config.model_name,
                         "system_fingerprint": None,
-                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra}
+                        "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}], **extra}
 
-            def chunk(index: int, text: str | None, reason: str | None) -> dict[str, Any]:
-                return chunk_of(index, {"content": text} if text is not None else {}, reason)
+            def chunk(index: int, text: str | None, reason: str | None, logprobs: TokenLogprobs | None = None
+                      ) -> dict[str, Any]:
+                return chunk_of(index, {"content": text} if text is not None else {}, reason, logprobs)
 
             def first(index: int) -> dict[str, Any]:
                 return chunk_of(index, {"role": "assistant", "content": ""}, None)
@@ -455,11 +496,12 @@ def create_app(worker: GenerationWorker, tokenizer: Tokenizer, config: ServeConf
         result = await collect(request, jobs, queue)
         if result is None:
             return Response(status_code=499)
-        outs, reasons, completion = result
+        outs, reasons, completion, logprobs = result
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": config.model_name,
                              "system_fingerprint": None,
                              "choices": [{"index": i, "message": {"role": "assistant", "content": outs[i]},
-                                          "logprobs": None, "finish_reason": reasons[i]} for i in range(len(jobs))],
+                                          "logprobs": _chat_logprobs(logprobs[i]) if chat_logprobs is not None else None,
+                                          "finish_reason": reasons[i]} for i in range(len(jobs))],
                              "usage": _usage(len(prompt), completion, jobs, len(jobs))})
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes, metrics=worker.metrics)

@@ -1,7 +1,7 @@
 """The OpenAI wire format: request bodies (validated with pydantic, strict types) and error bodies.
 
 Unknown fields are accepted and ignored, as the OpenAI API does for fields a server does not use;
-fields that would change the answer but are not implemented (``logprobs``, ``tools``, penalties
+fields that would change the answer but are not implemented (``tools``, penalties
 other than 0, ...) are refused with a 400 that names them. Besides the OpenAI fields, requests take
 ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos`` (as vLLM does).
 """

@@ -79,6 +79,9 @@ class Event:
     error_type: str = "server_error"
     code: str | None = None
     index: int = 0  # the job's choice index within its request
+    #: with logprobs asked for: the tokens whose text this event completes, each
+    #: ``(token text, log-probability, [(alternative text, log-probability), ...], offset in the text)``
+    logprobs: list[tuple[str, float, list[tuple[str, float]], int]] | None = None
 
 
 @dataclass(eq=False)
@@ -99,6 +102,9 @@ class Job:
     cached_tokens: int = 0  # prompt tokens the engine found in its KV cache
     closed: bool = False
     decoder: IncrementalDecoder | None = None
+    #: logprobs not yet sent: (number of decoder ids up to the token, log-probability, alternatives)
+    pending_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    text_len: int = 0  # length of the text of the tokens whose logprobs were sent
 
     def emit(self, event: Event) -> None:
         """Hand ``event`` to the handler's event loop now (callable from any thread)."""
@@ -314,6 +320,8 @@ class GenerationWorker:
                 job.cached_tokens = cached
                 self.metrics.add(prompt_tokens_cached=cached)
             text = job.decoder.push(out.token)
+            if getattr(out, "logprob", None) is not None and out.token not in job.eos_ids:
+                job.pending_logprobs.append((len(job.decoder.ids), out.logprob, out.top_logprobs or []))
             reason = None
             if job.decoder.stopped:
                 reason = "stop"
@@ -322,13 +330,30 @@ class GenerationWorker:
             elif out.finished:
                 text += job.decoder.flush()
                 reason = out.finish_reason or "stop"
-            if text:
-                self._send(job, Event("delta", text=text, completion_tokens=job.completion_tokens))
+            logprobs = self._released_logprobs(job) if job.params.logprobs is not None else None
+            if text or logprobs:
+                self._send(job, Event("delta", text=text, completion_tokens=job.completion_tokens, logprobs=logprobs))
             if reason is not None:
                 self._running.pop(out.request_id, None)
                 job.closed = True
                 self._send(job, Event("done", finish_reason=reason, prompt_tokens=len(job.prompt),
                                completion_tokens=job.completion_tokens))
+
+    def _released_logprobs(self, job: Job) -> list[tuple[str, float, list[tuple[str, float]], int]]:
+        """The pending tokens' logprobs whose text has been sent (a token held back, or cut by a stop
+        string, is not reported until, or unless, its text is)."""
+        out = []
+        decoder = job.decoder
+        while job.pending_logprobs:
+            n, logprob, top = job.pending_logprobs[0]
+            end = len(self.tokenizer.decode(decoder.ids[:n]))
+            if end > decoder.sent:
+                break
+            job.pending_logprobs.pop(0)
+            token = self.tokenizer.decode(decoder.ids[n - 1 : n])
+            out.append((token, logprob, [(self.tokenizer.decode([t]), lp) for t, lp in top], job.text_len))
+            job.text_len = end
+        return out
 
     def _shutdown(self) -> None:
         with self._cond:
