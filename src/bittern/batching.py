@@ -9,8 +9,9 @@ in one pass (the engine's) sets ``prefill_chunk``: each step then carries up to 
 of new requests in the same pass as the running requests' next tokens, so a long prompt neither stalls
 the running streams for its whole prefill nor costs a pass of its own; with ``reuse_prefix`` a new
 request takes the free slot whose cache holds the longest prefix of its prompt and prefills the rest,
-and a ``prefix_store`` keeps slots' prefixes in host memory after their slots are reused. Each request samples with its own parameters and seeded generator, so its tokens do not depend on what
-else shares the batch.
+and a ``prefix_store`` keeps slots' prefixes in host memory after their slots are reused. Each request
+samples with its own parameters and seeded generator, so its tokens do not depend on what else shares
+the batch.
 """
 
 from __future__ import annotations
