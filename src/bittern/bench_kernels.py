@@ -403,7 +403,7 @@ def run_kernel_bench(
         if not os.path.isfile(llama_cpp):
             raise ValueError(f"{llama_cpp}: no such GGUF file (for the llama.cpp comparison)")
     if json_path is not None:
-        from .eval.outputs import check_output_file
+        from .output_dir import check_output_file
 
         check_output_file(json_path, "--json", inputs=[llama_cpp] if llama_cpp else ())
     if not nat.available():

@@ -152,10 +152,3 @@ class PrefixStore:
         if node.parent:
             self._by_id[node.parent].children -= 1
         self.nbytes -= node.nbytes
-
-    def clear(self) -> None:
-        """Forget every block."""
-        self._blocks.clear()
-        self._by_id.clear()
-        self._recency.clear()
-        self.nbytes = 0

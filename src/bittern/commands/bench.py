@@ -74,7 +74,7 @@ def _check_paper_args(args: argparse.Namespace) -> list[str]:
     (before anything is measured)."""
     from ..configs import get_config
     from ..engine.generate import MAX_THREADS
-    from ..eval.outputs import check_distinct, check_output_file
+    from ..output_dir import check_distinct, check_output_file
 
     for flag, value in (("--max-batch", args.max_batch), ("--scaled-layers", args.scaled_layers),
                         ("--prompt-len", args.prompt_len), ("--throughput-ctx", args.throughput_ctx)):

@@ -44,15 +44,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps <= 0 or not 0 < args.max_seconds < float("inf"):
         raise ValueError("--steps and --max-seconds must be positive")
-    from ..output_dir import check_output_path
+    from ..output_dir import check_output_file
     from ..pack import get_layout
 
     get_layout(args.layout)  # an unknown layout fails now, not after training
     _check_out(Path(args.out), args.overwrite)
     if args.json:
-        check_output_path(Path(args.json), overwrite=True, kind="file")
-        if not Path(args.json).expanduser().resolve().parent.is_dir():
-            raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
+        check_output_file(args.json, "--json")
     result = run_demo(args.out, steps=args.steps, max_seconds=args.max_seconds, layout=args.layout, prompt=args.prompt)
     print()
     print(format_demo_table(result))

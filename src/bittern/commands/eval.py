@@ -48,7 +48,7 @@ def _write_json(target: str, data: dict) -> None:
 
 def _check_ppl_args(args: argparse.Namespace) -> None:
     """Refuse values ``eval ppl`` cannot use, and an unwritable --json, before the model loads."""
-    from ..eval.outputs import check_output_file
+    from ..output_dir import check_output_file
 
     if args.context is not None and args.context < 2:
         raise UsageError(f"--context must be at least 2 tokens, got {args.context}")
@@ -89,7 +89,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def run_tasks(args: argparse.Namespace) -> int:
     """``bittern eval tasks``: zero-shot accuracy through lm-eval, printed or as JSON."""
-    from ..eval.outputs import check_output_file
+    from ..output_dir import check_output_file
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive number of documents, got {args.limit}")

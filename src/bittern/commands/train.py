@@ -135,14 +135,11 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_pack(args: argparse.Namespace) -> int:
+    from ..output_dir import fresh_output_dir
     from ..train.export import pack_run
 
-    from ..output_dir import fresh_output_dir
-
     run = Path(args.run_dir)
-    # never into the run's checkpoints (that would replace one), nor into the run directory itself
-    if Path(args.out_dir).expanduser().resolve() == run.expanduser().resolve():
-        raise UsageError(f"{args.out_dir}: the run directory itself; choose another output")
+    # never into the run's checkpoints (that would replace one), nor over the run directory itself
     with fresh_output_dir(args.out_dir, args.overwrite, protect=[run / "checkpoints"], sources=[run]) as out:
         pack_run(args.run_dir, out, layout=args.layout, checkpoint=args.checkpoint)
     print(f"packed model written to {args.out_dir}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..configs import ModelConfig
+from ..prefix_store import cache_tensors
 
 KV_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
                                      "int8": torch.int8}
@@ -75,7 +76,7 @@ class EngineKVCache:
             raise ValueError(f"cannot copy {n} positions from slot {src} to slot {dst}")
         if src == dst or n == 0:
             return
-        for t in (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ()):
+        for t in cache_tensors(self):
             t[:, dst, :, :n].copy_(t[:, src, :, :n])
 
     def read(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
